@@ -1,0 +1,1 @@
+"""The Conductor: KV-cache-aware, SLO-predicting P/D proxy and its trace-driven simulator."""

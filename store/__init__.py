@@ -1,0 +1,1 @@
+"""Mooncake Store: the pooled KV store (master, store nodes, clients) built on :mod:`transfer`."""
