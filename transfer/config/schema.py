@@ -1,0 +1,469 @@
+"""The typed configuration: frozen dataclass sections, each field carrying its own parser and help.
+
+Why field metadata instead of a separate schema: adding a setting is one line - the default,
+the converter, the help text - and the loader, env-var mapping, CLI flags and ``to_dict`` all
+pick it up. Sections validate themselves in ``__post_init__``, so ``MooncakeConfig(...)``,
+``dataclasses.replace`` and :meth:`MooncakeConfig.replace` can never produce an invalid object.
+
+Layout mirrors the file format: Mooncake's flat keys at the top level (so a Mooncake JSON file
+loads unchanged) and our own settings in named sections (``rpc``, ``master``, ``metadata``,
+``etcd``, ``transfer``, ``proxy``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any, ClassVar, TypeVar
+
+from transfer.config.errors import REDACTED, ConfigError
+from transfer.config.sizes import format_size
+from transfer.config.values import (
+    P2P_HANDSHAKE,
+    Converter,
+    to_address,
+    to_addresses,
+    to_bool,
+    to_choice,
+    to_float,
+    to_host,
+    to_http_path,
+    to_int,
+    to_local_hostname,
+    to_metadata_server,
+    to_port,
+    to_secret,
+    to_size,
+    to_str_or_empty,
+)
+
+__all__ = [
+    "PROTOCOLS",
+    "SECTIONS",
+    "EtcdConfig",
+    "MasterConfig",
+    "MetadataConfig",
+    "MooncakeConfig",
+    "ProxyConfig",
+    "RpcConfig",
+    "Section",
+    "Setting",
+    "TransferConfig",
+    "env_var_name",
+    "iter_settings",
+]
+
+# Transports this implementation provides. Mooncake's C++ engine also knows nvmeof, nvlink, hip,
+# cxl, ascend...; we reject those up front instead of failing at the first transfer.
+PROTOCOLS = ("tcp", "rdma", "shm")
+
+# Defaults match Mooncake's (mooncake-wheel/mooncake/mooncake_config.py and the master's flags).
+DEFAULT_GLOBAL_SEGMENT_SIZE = 3355443200  # 3.125 GiB
+DEFAULT_LOCAL_BUFFER_SIZE = 1 << 30  # 1 GiB
+DEFAULT_MASTER_PORT = 50051
+DEFAULT_METADATA_PORT = 8080
+DEFAULT_METRICS_PORT = 9003
+DEFAULT_PROXY_PORT = 8000
+DEFAULT_BIND_HOST = "127.0.0.1"
+
+_MIB = 1 << 20
+_GIB = 1 << 30
+_ONE_HOUR = 3600.0
+
+_SETTING = "mooncake.setting"
+
+
+@dataclass(frozen=True)
+class Setting:
+    """What the loader, env mapping and CLI need to know about one field."""
+
+    help: str
+    parse: Converter
+    metavar: str = "VALUE"
+    env: str | None = None  # Mooncake's own variable name; default is MOONCAKE_<SECTION>_<FIELD>
+    secret: bool = False  # never printed: repr, to_dict, logs and errors show "<redacted>"
+    cli: bool = True  # secrets stay off the command line (visible in ps / shell history)
+    flag: bool = False  # a boolean switch: --x / --no-x on the command line
+
+
+def setting(default: Any = dataclasses.MISSING, **kwargs: Any) -> Any:
+    """A dataclass field carrying a :class:`Setting` (the typing lie is dataclasses' own)."""
+    return field(default=default, metadata={_SETTING: Setting(**kwargs)})
+
+
+def _host(help: str) -> Any:
+    return setting(DEFAULT_BIND_HOST, help=help, parse=to_host, metavar="HOST")
+
+
+def _bind_port(default: int, help: str) -> Any:
+    return setting(
+        default,
+        help=help + "; 0 = any free port",
+        parse=partial(to_port, allow_zero=True),
+        metavar="PORT",
+    )
+
+
+def _size(default: int, lo: int, hi: int, help: str, env: str | None = None) -> Any:
+    return setting(
+        default,
+        help=f"{help} [{format_size(lo)}..{format_size(hi)}]",
+        parse=partial(to_size, lo=lo, hi=hi),
+        metavar="SIZE",
+        env=env,
+    )
+
+
+def _timeout(default: float, help: str) -> Any:
+    return setting(
+        default,
+        help=help + ", in seconds",
+        parse=partial(to_float, lo=0.0, hi=_ONE_HOUR),
+        metavar="SECONDS",
+    )
+
+
+def _setting_of(f: dataclasses.Field[Any]) -> Setting | None:
+    return f.metadata.get(_SETTING)
+
+
+def _validate_fields(obj: Any, prefix: str) -> None:
+    """Convert every setting field of ``obj`` in place, or raise one ConfigError naming the key."""
+    for f in dataclasses.fields(obj):
+        spec = _setting_of(f)
+        if spec is None:
+            continue
+        raw = getattr(obj, f.name)
+        try:
+            value = spec.parse(raw)
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(
+                str(exc), key=prefix + f.name, value=raw, secret=spec.secret
+            ) from None
+        object.__setattr__(obj, f.name, value)
+
+
+_S = TypeVar("_S", bound="Section")
+
+
+@dataclass(frozen=True)
+class Section:
+    """Base of the nested sections; ``name`` is the key in the file and the env/flag prefix."""
+
+    name: ClassVar[str] = ""
+
+    def __post_init__(self) -> None:
+        _validate_fields(self, f"{self.name}.")
+
+    def replace(self: _S, **changes: Any) -> _S:
+        """A validated copy with ``changes`` applied (values are converted like file values)."""
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data that :func:`~transfer.config.load_config` reads back to an equal section."""
+        return {
+            f.name: _plain(getattr(self, f.name), _setting_of(f)) for f in dataclasses.fields(self)
+        }
+
+
+@dataclass(frozen=True)
+class RpcConfig(Section):
+    """Knobs of the shared RPC plumbing (:mod:`transfer.rpc`), for every client and server."""
+
+    name: ClassVar[str] = "rpc"
+
+    max_frame_size: int = _size(
+        64 * _MIB,
+        1024,
+        2 * _GIB,
+        "largest RPC frame accepted or sent; bigger payloads belong on the transfer engine",
+    )
+    connect_timeout: float = _timeout(5.0, "how long to wait for a TCP connect + handshake")
+    request_timeout: float = _timeout(30.0, "how long to wait for an RPC reply")
+
+
+@dataclass(frozen=True)
+class MasterConfig(Section):
+    """The store master's listening side (clients dial ``master_server_address``)."""
+
+    name: ClassVar[str] = "master"
+
+    host: str = _host("address the master's RPC server binds to")
+    port: int = _bind_port(DEFAULT_MASTER_PORT, "master RPC port (Mooncake's --rpc_port)")
+    metrics_port: int = _bind_port(
+        DEFAULT_METRICS_PORT, "master Prometheus metrics port (Mooncake's --metrics_port)"
+    )
+
+
+@dataclass(frozen=True)
+class MetadataConfig(Section):
+    """The HTTP metadata server (Mooncake's ``mooncake_http_metadata_server``)."""
+
+    name: ClassVar[str] = "metadata"
+
+    host: str = _host("address the HTTP metadata server binds to")
+    port: int = _bind_port(DEFAULT_METADATA_PORT, "HTTP metadata server port")
+    path: str = setting(
+        "/metadata",
+        help="URL path the metadata server serves",
+        parse=to_http_path,
+        metavar="PATH",
+    )
+
+
+@dataclass(frozen=True)
+class EtcdConfig(Section):
+    """etcd used for metadata and service discovery when configured."""
+
+    name: ClassVar[str] = "etcd"
+
+    endpoints: tuple[str, ...] = setting(
+        (),
+        help="etcd client endpoints, comma-separated host:port",
+        parse=to_addresses,
+        metavar="HOST:PORT[,...]",
+    )
+    timeout: float = _timeout(5.0, "timeout of one etcd operation")
+
+
+@dataclass(frozen=True)
+class TransferConfig(Section):
+    """Transfer-engine tuning that is ours, not Mooncake's."""
+
+    name: ClassVar[str] = "transfer"
+
+    enable_shm: bool = setting(
+        True,
+        help="use shared memory instead of TCP when both ends are on this host",
+        parse=to_bool,
+        flag=True,
+    )
+    streams_per_peer: int = setting(
+        4,
+        help="parallel TCP streams to each peer",
+        parse=partial(to_int, lo=1, hi=64),
+        metavar="N",
+    )
+    slice_size: int = _size(_MIB, 4096, _GIB, "unit a large transfer is split into")
+
+
+@dataclass(frozen=True)
+class ProxyConfig(Section):
+    """The prefill/decode proxy (OpenAI-compatible HTTP front door)."""
+
+    name: ClassVar[str] = "proxy"
+
+    host: str = _host("address the proxy binds to")
+    port: int = _bind_port(DEFAULT_PROXY_PORT, "proxy HTTP port")
+
+
+SECTIONS: tuple[type[Section], ...] = (
+    RpcConfig,
+    MasterConfig,
+    MetadataConfig,
+    EtcdConfig,
+    TransferConfig,
+    ProxyConfig,
+)
+_SECTION_BY_NAME: dict[str, type[Section]] = {cls.name: cls for cls in SECTIONS}
+
+_C = TypeVar("_C", bound="MooncakeConfig")
+
+
+@dataclass(frozen=True, repr=False)
+class MooncakeConfig:
+    """The whole configuration, shared by transfer engine, store, connector and proxy.
+
+    Build it with :func:`~transfer.config.load_config` (defaults < file < env < overrides/CLI).
+    It is immutable; derive variants with :meth:`replace`.
+    """
+
+    # Mooncake's own keys, flat, same names, env vars and defaults as Mooncake.
+    local_hostname: str = setting(
+        DEFAULT_BIND_HOST,
+        help="this node's address as peers should dial it (host or host:port)",
+        parse=to_local_hostname,
+        metavar="HOST[:PORT]",
+        env="MOONCAKE_LOCAL_HOSTNAME",
+    )
+    metadata_server: str = setting(
+        P2P_HANDSHAKE,
+        help="where engines exchange segment metadata: P2PHANDSHAKE, etcd://h:p, http://h:p/metadata",
+        parse=to_metadata_server,
+        metavar="URL",
+        env="MOONCAKE_TE_META_DATA_SERVER",
+    )
+    global_segment_size: int = _size(
+        DEFAULT_GLOBAL_SEGMENT_SIZE,
+        0,
+        1 << 50,
+        "memory this node contributes to the pool (0 = contribute none)",
+        env="MOONCAKE_GLOBAL_SEGMENT_SIZE",
+    )
+    local_buffer_size: int = _size(
+        DEFAULT_LOCAL_BUFFER_SIZE,
+        1,
+        1 << 50,
+        "registered staging buffer for this client",
+        env="MOONCAKE_LOCAL_BUFFER_SIZE",
+    )
+    protocol: str = setting(
+        "tcp",
+        help=f"transport: {', '.join(PROTOCOLS)}",
+        parse=partial(to_choice, choices=PROTOCOLS),
+        metavar="|".join(PROTOCOLS),
+        env="MOONCAKE_PROTOCOL",
+    )
+    device_name: str = setting(
+        "",
+        help="RDMA device(s), e.g. mlx5_0; empty = auto-detect",
+        parse=to_str_or_empty,
+        metavar="NAME",
+        env="MOONCAKE_DEVICE",
+    )
+    master_server_address: str = setting(
+        f"127.0.0.1:{DEFAULT_MASTER_PORT}",
+        help="store master address clients dial",
+        parse=to_address,
+        metavar="HOST:PORT",
+        env="MOONCAKE_MASTER",
+    )
+    # Ours.
+    auth_secret: bytes | None = setting(
+        None,
+        help="shared secret authenticating RPC peers; unset = no authentication",
+        parse=to_secret,
+        secret=True,
+        cli=False,
+        env="MOONCAKE_AUTH_SECRET",
+    )
+    rpc: RpcConfig = field(default_factory=RpcConfig)
+    master: MasterConfig = field(default_factory=MasterConfig)
+    metadata: MetadataConfig = field(default_factory=MetadataConfig)
+    etcd: EtcdConfig = field(default_factory=EtcdConfig)
+    transfer: TransferConfig = field(default_factory=TransferConfig)
+    proxy: ProxyConfig = field(default_factory=ProxyConfig)
+
+    def __post_init__(self) -> None:
+        for name, cls in _SECTION_BY_NAME.items():
+            value = getattr(self, name)
+            if isinstance(value, Mapping):
+                value = build_section(cls, value)
+            elif not isinstance(value, cls):
+                raise ConfigError(
+                    f"expected a mapping of {cls.name} settings", key=name, value=value
+                )
+            object.__setattr__(self, name, value)
+        _validate_fields(self, "")
+
+    def replace(self: _C, **changes: Any) -> _C:
+        """A validated copy with ``changes`` applied.
+
+        Sections can be changed in place of the whole: ``replace(rpc={"max_frame_size": "1MB"})``
+        or ``replace(**{"rpc.max_frame_size": "1MB"})`` keep the section's other values.
+        """
+        merged: dict[str, Any] = {}
+        section_changes: dict[str, dict[str, Any]] = {}
+        for key, value in changes.items():
+            section, dot, name = key.partition(".")
+            if dot:
+                section_changes.setdefault(section, {})[name] = value
+            elif key in _SECTION_BY_NAME and isinstance(value, Mapping):
+                section_changes.setdefault(key, {}).update(value)
+            else:
+                merged[key] = value
+        for section, values in section_changes.items():
+            if section not in _SECTION_BY_NAME:
+                raise ConfigError(
+                    f"unknown section; known sections: {', '.join(_SECTION_BY_NAME)}", key=section
+                )
+            current = merged.get(section, getattr(self, section))
+            base = current.to_dict() if isinstance(current, Section) else {}
+            merged[section] = build_section(_SECTION_BY_NAME[section], {**base, **values})
+        unknown = sorted(set(merged) - {f.name for f in dataclasses.fields(self)})
+        if unknown:
+            raise ConfigError(_known_keys_message(), key=unknown[0])
+        return dataclasses.replace(self, **merged)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON/YAML-able data in the file layout; the auth secret shows as ``<redacted>``."""
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            out[f.name] = (
+                value.to_dict() if isinstance(value, Section) else _plain(value, _setting_of(f))
+            )
+        return out
+
+    def __repr__(self) -> str:
+        parts = []
+        for f in dataclasses.fields(self):
+            spec = _setting_of(f)
+            value = getattr(self, f.name)
+            shown = REDACTED if spec and spec.secret and value is not None else repr(value)
+            parts.append(f"{f.name}={shown}")
+        return f"MooncakeConfig({', '.join(parts)})"
+
+
+def _plain(value: Any, spec: Setting | None) -> Any:
+    if spec is not None and spec.secret:
+        return None if value is None else REDACTED
+    if isinstance(value, tuple):
+        return list(value)
+    return value
+
+
+def build_section(cls: type[Section], values: Mapping[str, Any]) -> Section:
+    """``cls(**values)`` with unknown keys reported as one ConfigError listing the known ones."""
+    known = [f.name for f in dataclasses.fields(cls)]
+    for key in values:
+        if key not in known:
+            raise ConfigError(
+                f"unknown key in section {cls.name!r}; known keys: {', '.join(known)}",
+                key=f"{cls.name}.{key}",
+            )
+    return cls(**values)
+
+
+def _known_keys_message() -> str:
+    return "unknown key; known keys: " + ", ".join(key for key, _ in iter_settings())
+
+
+def section_class(name: str) -> type[Section] | None:
+    """The section class stored under ``name`` in files, or ``None``."""
+    return _SECTION_BY_NAME.get(name)
+
+
+def iter_settings() -> Iterator[tuple[str, dataclasses.Field[Any]]]:
+    """Every setting as ``(dotted key, field)``: top-level keys first, then each section's."""
+    for f in dataclasses.fields(MooncakeConfig):
+        if _setting_of(f) is not None:
+            yield f.name, f
+    for cls in SECTIONS:
+        for f in dataclasses.fields(cls):
+            yield f"{cls.name}.{f.name}", f
+
+
+def setting_of(f: dataclasses.Field[Any]) -> Setting:
+    """The :class:`Setting` of a field from :func:`iter_settings`."""
+    spec = _setting_of(f)
+    assert spec is not None, f.name
+    return spec
+
+
+def env_var_name(key: str) -> str:
+    """The environment variable for a dotted key.
+
+    Mooncake's keys keep Mooncake's names (``MOONCAKE_MASTER``, ``MOONCAKE_DEVICE``...); ours are
+    ``MOONCAKE_<SECTION>_<FIELD>`` upper-cased, e.g. ``rpc.max_frame_size`` ->
+    ``MOONCAKE_RPC_MAX_FRAME_SIZE``.
+    """
+    for candidate, f in iter_settings():
+        if candidate == key:
+            spec = setting_of(f)
+            if spec.env:
+                return spec.env
+            break
+    return "MOONCAKE_" + key.replace(".", "_").upper()
