@@ -47,7 +47,10 @@ setup(
         ],
     },
     entry_points={
-        "console_scripts": [],
+        "console_scripts": [
+            # Same name as Mooncake's standalone HTTP metadata server.
+            "mooncake_http_metadata_server = transfer.metadata.__main__:main",
+        ],
         "vllm.general_plugins": [],
     },
     classifiers=[
