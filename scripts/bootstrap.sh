@@ -36,7 +36,7 @@ apt_install() {
 # for network-namespace tests; libibverbs/librdmacm/libnuma for the real Mooncake used side by side.
 case "$MODE" in
     demo) apt_install python3-venv ;;
-    test) apt_install python3-venv etcd-server etcd-client iperf3 iproute2 libibverbs1 librdmacm1 libnuma1 ;;
+    test) apt_install python3-venv etcd-server etcd-client iperf3 iproute2 libibverbs1 librdmacm1 libnuma1 python3-pyverbs ;;
     *) echo "usage: $0 demo|test" >&2; exit 2 ;;
 esac
 

@@ -1,0 +1,155 @@
+"""CUDA detection, pointer info and the staging pool; the copies themselves need a GPU."""
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from transfer.cuda import (
+    StagingPool,
+    copy_device_to_host,
+    copy_host_to_device,
+    cuda_pointer_info,
+    host_allocator,
+    is_cuda_object,
+    parse_cuda_location,
+)
+
+
+def test_detection_does_not_import_torch_or_cupy() -> None:
+    code = ("import sys, numpy, transfer.cuda as c\n"
+            "assert not c.is_cuda_object(numpy.zeros(3)) and not c.is_cuda_object(b'x')\n"
+            "assert 'torch' not in sys.modules and 'cupy' not in sys.modules, sorted(sys.modules)\n")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+def test_cpu_tensors_are_not_cuda() -> None:
+    assert not is_cuda_object(torch.zeros(4))
+    assert not is_cuda_object(np.zeros(4))
+    with pytest.raises(TypeError, match="not a CUDA"):
+        cuda_pointer_info(torch.zeros(4))
+
+
+def test_parse_cuda_location() -> None:
+    assert parse_cuda_location("cuda:3") == 3
+    assert parse_cuda_location("cpu:0") is None and parse_cuda_location("cuda:") is None
+
+
+def test_pool_leases_are_bounded_and_reused() -> None:
+    allocs: list[int] = []
+
+    def allocator(n: int):
+        allocs.append(n)
+        return host_allocator(n)
+
+    pool = StagingPool(4096, 2, allocator)
+    assert allocs == []  # lazy: nothing pinned until needed
+    with pool.lease() as one:
+        one.view[:5] = b"hello"
+        assert ctypes.string_at(one.address, 5) == b"hello"
+        with pool.lease() as two:
+            assert two.index != one.index and pool.in_use == 2
+            with pytest.raises(TimeoutError, match="2 x 4096"):
+                pool.acquire(timeout=0.05)
+    assert pool.in_use == 0 and allocs == [4096, 4096]
+    with pool.lease() as again:
+        assert again.index in (0, 1)
+    assert len(allocs) == 2 and len(pool.buffers()) == 2
+    with pytest.raises(ValueError, match="not leased"):
+        pool.release(again)
+
+
+def test_pool_hands_buffers_across_threads() -> None:
+    pool = StagingPool(1024, 1, host_allocator)
+    held = pool.acquire()
+    got: list[int] = []
+    waiter = threading.Thread(target=lambda: got.append(pool.acquire(timeout=5).index))
+    waiter.start()
+    time.sleep(0.05)
+    assert got == []
+    pool.release(held)
+    waiter.join(5)
+    assert got == [held.index] and pool.in_use == 1
+
+
+async def test_pool_async_waiters() -> None:
+    pool = StagingPool(1024, 1, host_allocator)
+    held = await pool.acquire_async()
+    waiter = asyncio.ensure_future(pool.acquire_async(timeout=5))
+    await asyncio.sleep(0.02)
+    assert not waiter.done()
+    # Released from another thread, as a transport's completion thread would.
+    threading.Thread(target=pool.release, args=(held,)).start()
+    got = await asyncio.wait_for(waiter, 5)
+    assert got.index == held.index and pool.in_use == 1
+    with pytest.raises(TimeoutError):
+        await pool.acquire_async(timeout=0.02)
+    pool.release(got)
+    async with pool.lease_async(timeout=1) as buf:
+        assert pool.in_use == 1 and buf.nbytes == 1024
+    assert pool.in_use == 0
+
+
+async def test_pool_timed_out_waiter_does_not_leak() -> None:
+    pool = StagingPool(1024, 1, host_allocator)
+    held = await pool.acquire_async()
+    with pytest.raises(TimeoutError):
+        await pool.acquire_async(timeout=0.01)
+    pool.release(held)  # nobody waits any more: the chunk must become free
+    await asyncio.sleep(0)
+    assert pool.in_use == 0
+    assert (await pool.acquire_async(timeout=1)).index == held.index
+
+
+def test_pool_validation() -> None:
+    with pytest.raises(ValueError):
+        StagingPool(0, 1, host_allocator)
+    with pytest.raises(ValueError):
+        StagingPool(1024, 0, host_allocator)
+    pool = StagingPool(1024, 1, host_allocator)
+    pool.close()
+    with pytest.raises(RuntimeError, match="closed"):
+        pool.acquire(timeout=0)
+
+
+def test_copy_rejects_readonly_host() -> None:
+    with pytest.raises(ValueError, match="read-only"):
+        copy_device_to_host(0, memoryview(b"abc"), 3, 0)
+
+
+@pytest.mark.gpu
+def test_pointer_info_and_copies_on_gpu() -> None:
+    dev = torch.arange(1 << 20, dtype=torch.int32, device="cuda:0")
+    assert is_cuda_object(dev)
+    ptr, nbytes, device = cuda_pointer_info(dev)
+    assert (ptr, nbytes, device) == (dev.data_ptr(), 4 << 20, 0)
+    with pytest.raises(ValueError, match="contiguous"):
+        cuda_pointer_info(dev.view(1024, 1024).t())
+    host = np.zeros(1 << 20, dtype=np.int32)
+    copy_device_to_host(ptr + 4096, memoryview(host).cast("B")[4096:], nbytes - 4096, device)
+    assert (host[1024:] == np.arange(1024, 1 << 20)).all() and (host[:1024] == 0).all()
+    back = torch.zeros_like(dev)
+    copy_host_to_device(host.ctypes.data, back.data_ptr(), nbytes, 0)
+    torch.cuda.synchronize()
+    assert torch.equal(back[1024:], dev[1024:])
+
+
+@pytest.mark.gpu
+def test_pinned_pool_stages_a_cuda_tensor() -> None:
+    src = torch.randint(0, 255, (3 << 20,), dtype=torch.uint8, device="cuda:0")
+    dst = torch.zeros_like(src)
+    pool = StagingPool(1 << 20, 2)  # default allocator: pinned memory via torch
+    ptr, nbytes, device = cuda_pointer_info(src)
+    for off in range(0, nbytes, pool.chunk_size):
+        with pool.lease(timeout=5) as chunk:
+            n = min(pool.chunk_size, nbytes - off)
+            copy_device_to_host(ptr + off, chunk.address, n, device)
+            copy_host_to_device(chunk.view, dst.data_ptr() + off, n, device)
+    assert torch.equal(src, dst)
