@@ -50,6 +50,7 @@ setup(
         "console_scripts": [
             # Same name as Mooncake's standalone HTTP metadata server.
             "mooncake_http_metadata_server = transfer.metadata.__main__:main",
+            "mooncake-master = store.master.__main__:main",
         ],
         "vllm.general_plugins": [],
     },

@@ -195,6 +195,62 @@ class MasterConfig(Section):
     metrics_port: int = _bind_port(
         DEFAULT_METRICS_PORT, "master Prometheus metrics port (Mooncake's --metrics_port)"
     )
+    rpc_address: str = setting(
+        "",
+        help="address clients dial to reach this master, published in etcd under HA; "
+        "empty = host:port",
+        parse=to_str_or_empty,
+        metavar="HOST:PORT",
+    )
+    enable_http_metadata_server: bool = setting(
+        True,
+        help="host the HTTP metadata server (metadata section's host/port/path) in the master",
+        parse=to_bool,
+        flag=True,
+    )
+    default_kv_lease_ttl: int = setting(
+        10_000,
+        help="lease a read grants, in ms: a leased object is neither evicted nor removed",
+        parse=partial(to_int, lo=1, hi=86_400_000),
+        metavar="MS",
+    )
+    default_kv_soft_pin_ttl: int = setting(
+        1_800_000,
+        help="how long a soft pin protects an object from eviction, in ms",
+        parse=partial(to_int, lo=1, hi=30 * 86_400_000),
+        metavar="MS",
+    )
+    eviction_high_watermark_ratio: float = setting(
+        0.90,
+        help="memory usage ratio above which objects are evicted",
+        parse=partial(to_float, lo=0.01, hi=1.0),
+        metavar="RATIO",
+    )
+    eviction_ratio: float = setting(
+        0.05,
+        help="share of capacity one eviction pass frees",
+        parse=partial(to_float, lo=0.0, hi=1.0),
+        metavar="RATIO",
+    )
+    client_ttl: float = _timeout(
+        10.0, "a client silent this long is declared dead and its segments unmounted"
+    )
+    put_start_timeout: float = _timeout(
+        30.0, "a put started and not ended this long is revoked and its space reclaimed"
+    )
+    enable_ha: bool = setting(
+        False,
+        help="leader election through etcd (needs etcd.endpoints); standbys take over",
+        parse=to_bool,
+        flag=True,
+    )
+    leader_lease_ttl: float = setting(
+        2.0,
+        help="etcd lease of the leader key, in seconds (etcd rounds up to whole seconds): "
+        "a dead leader is replaced about this fast",
+        parse=partial(to_float, lo=0.0, hi=60.0),
+        metavar="SECONDS",
+    )
 
 
 @dataclass(frozen=True)
@@ -246,7 +302,14 @@ class TransferConfig(Section):
         parse=partial(to_int, lo=1, hi=64),
         metavar="N",
     )
-    slice_size: int = _size(_MIB, 4096, _GIB, "unit a large transfer is split into")
+    slice_size: int = _size(_MIB, 4096, 256 * _MIB, "unit a large transfer is split into")
+    max_retries: int = setting(
+        3,
+        help="times a failed slice is retried on another path before its request fails",
+        parse=partial(to_int, lo=0, hi=16),
+        metavar="N",
+    )
+    io_timeout: float = _timeout(10.0, "how long a data connection may stall before it fails")
 
 
 @dataclass(frozen=True)
