@@ -36,6 +36,8 @@ setup(
         # Needs rdma-core >= 59; on Debian 12 use the distro package python3-pyverbs instead.
         "rdma": ["pyverbs>=59"],
         "etcd": ["aetcd>=1.0"],
+        # Plots of the trace-driven simulator (python -m scheduler.sim --plots DIR).
+        "sim": ["matplotlib>=3.7"],
         "test": [
             "pytest>=8",
             "pytest-asyncio>=0.23",
@@ -44,6 +46,7 @@ setup(
             "httpx>=0.27",
             "openai>=1.40",
             "psutil>=5.9",
+            "matplotlib>=3.7",
         ],
     },
     entry_points={
@@ -51,6 +54,7 @@ setup(
             # Same name as Mooncake's standalone HTTP metadata server.
             "mooncake_http_metadata_server = transfer.metadata.__main__:main",
             "mooncake-master = store.master.__main__:main",
+            "mooncake-proxy = scheduler.proxy.cli:main",
         ],
         "vllm.general_plugins": [],
     },

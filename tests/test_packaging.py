@@ -48,7 +48,7 @@ def test_wheel_holds_the_four_packages_and_license(wheel: zipfile.ZipFile):
     text = wheel.read(metadata).decode()
     assert "Name: mooncake-connector" in text
     assert "Apache-2.0" in text
-    for extra in ("vllm", "gpu", "rdma", "etcd", "test"):
+    for extra in ("vllm", "gpu", "rdma", "etcd", "sim", "test"):
         assert f"Provides-Extra: {extra}" in text, extra
     # Core dependencies stay small: nothing heavy is required by default.
     required = [line for line in text.splitlines()

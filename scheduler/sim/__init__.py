@@ -1,0 +1,1 @@
+"""Trace-driven simulator of the Conductor (see scheduler/sim/engine.py)."""
