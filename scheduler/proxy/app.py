@@ -1,0 +1,380 @@
+"""The OpenAI-compatible proxy: one HTTP front door, the Conductor deciding where each request runs.
+
+Flow for a P/D request (the ``kv_transfer_params`` protocol of the connector):
+
+1. Tokenize and hash the prompt into block keys; ask the store which exist (one batch call).
+2. The Conductor picks a prefill and a decode instance, or rejects at once (HTTP 429).
+3. Prefill: the request with ``max_tokens=1``, ``stream=false``, no ``stream_options`` and
+   ``kv_transfer_params={"do_remote_decode": true}``. A connection failure marks the instance
+   down and retries on another prefill instance once.
+4. Decode: the original request plus the ``kv_transfer_params`` the prefill answered, with the
+   same ``X-Request-Id``; its answer (SSE or JSON) is relayed to the client as it arrives.
+
+Mixed mode (no P/D split) sends the whole request to the one instance the Conductor picked.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+
+from scheduler.policy import (
+    Conductor,
+    ConductorConfig,
+    ConductorError,
+    InstanceInfo,
+    RequestInfo,
+    Role,
+)
+from scheduler.proxy.instances import Instance, InstancePool, InstanceSpec
+from scheduler.proxy.metrics import ProxyMetrics
+from scheduler.proxy.prompt import BadRequest, PromptHasher
+
+__all__ = ["ProxySettings", "Proxy", "StoreLookup"]
+
+log = logging.getLogger(__name__)
+StoreLookup = Callable[[Sequence[str]], Awaitable[Sequence[bool]]]
+STORE_ID = "store"
+HOP_BY_HOP = {"host", "content-length", "transfer-encoding", "connection", "keep-alive",
+              "upgrade", "te", "trailer", "proxy-authorization", "proxy-authenticate",
+              "accept-encoding"}
+
+
+@dataclass(frozen=True)
+class ProxySettings:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_key: str | None = None
+    max_in_flight: int = 1024
+    max_body_bytes: int = 16 << 20
+    request_timeout: float = 600.0
+    connect_timeout: float = 5.0
+    health_interval: float = 2.0
+
+
+def _error(status: int, message: str, kind: str = "invalid_request_error",
+           **extra: Any) -> web.Response:
+    body = {"error": {"message": message, "type": kind, "code": status, **extra}}
+    return web.json_response(body, status=status)
+
+
+class Proxy:
+    """Owns the HTTP server, the instance pool and the Conductor (see the module docstring)."""
+
+    def __init__(self, instances: Sequence[InstanceSpec], *, settings: ProxySettings | None = None,
+                 conductor: ConductorConfig | None = None, hasher: PromptHasher | None = None,
+                 store_lookup: StoreLookup | None = None) -> None:
+        self.settings = settings or ProxySettings()
+        self.hasher = hasher or PromptHasher(None)
+        base = conductor or ConductorConfig()
+        if base.block_tokens != self.hasher.block_tokens:
+            from dataclasses import replace
+
+            base = replace(base, block_tokens=self.hasher.block_tokens)
+        self.conductor = Conductor(base)
+        self.conductor.add_instance(InstanceInfo(STORE_ID, Role.STORE))
+        self.store_lookup = store_lookup
+        self.metrics = ProxyMetrics()
+        self.pool = InstancePool(instances, interval=self.settings.health_interval,
+                                 on_change=self._instance_changed)
+        self.pd = any(s.role != "mixed" for s in instances)
+        self._in_flight = 0
+        self._session: aiohttp.ClientSession | None = None
+        self._runner: web.AppRunner | None = None
+        self.port = self.settings.port
+
+    # ---- lifecycle ---------------------------------------------------------------------------
+
+    def app(self) -> web.Application:
+        app = web.Application(client_max_size=self.settings.max_body_bytes,
+                              middlewares=[self._auth_middleware])
+        app.router.add_post("/v1/completions", self._completions)
+        app.router.add_post("/v1/chat/completions", self._chat)
+        app.router.add_get("/v1/models", self._models)
+        app.router.add_get("/health", self._health)
+        app.router.add_get("/metrics", self._metrics)
+        return app
+
+    async def start(self) -> None:
+        timeout = aiohttp.ClientTimeout(total=self.settings.request_timeout,
+                                        sock_connect=self.settings.connect_timeout)
+        self._session = aiohttp.ClientSession(
+            timeout=timeout, connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=300),
+            auto_decompress=False)
+        await self.pool.start()
+        self._runner = web.AppRunner(self.app(), access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, self.settings.host, self.settings.port)
+        await site.start()
+        server = site._server  # aiohttp exposes the bound socket only here
+        if server is not None and server.sockets:  # type: ignore[union-attr]
+            self.port = server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+        await self.pool.stop()
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.settings.host}:{self.port}"
+
+    def _instance_changed(self, inst: Instance) -> None:
+        role = {"prefill": Role.PREFILL, "decode": Role.DECODE, "mixed": Role.MIXED}[inst.role]
+        if inst.healthy:
+            if inst.id not in self.conductor.instances:
+                self.conductor.add_instance(InstanceInfo(inst.id, role))
+        elif inst.id in self.conductor.instances:
+            for request_id in self.conductor.remove_instance(inst.id):
+                log.info("request %s lost its instance %s", request_id, inst.id)
+        self.metrics.healthy.labels(role=inst.role).set(len(self.pool.healthy(inst.role)))
+
+    # ---- middleware and simple endpoints -----------------------------------------------------
+
+    @web.middleware
+    async def _auth_middleware(self, request: web.Request, handler):  # type: ignore[no-untyped-def]
+        key = self.settings.api_key
+        if key and request.path.startswith("/v1/"):
+            import hmac
+
+            given = request.headers.get("Authorization", "")
+            if not hmac.compare_digest(given.encode(), f"Bearer {key}".encode()):
+                return _error(401, "missing or wrong API key", "authentication_error")
+        return await handler(request)
+
+    async def _models(self, request: web.Request) -> web.Response:
+        data = [{"id": m, "object": "model", "owned_by": "mooncake"} for m in self.pool.models()]
+        return web.json_response({"object": "list", "data": data})
+
+    async def _health(self, request: web.Request) -> web.Response:
+        roles = ("prefill", "decode") if self.pd else ("mixed",)
+        ready = all(self.pool.healthy(r) for r in roles)
+        body = {"status": "ok" if ready else "degraded",
+                "instances": {i.id: i.healthy for i in self.pool}}
+        return web.json_response(body, status=200 if ready else 503)
+
+    async def _metrics(self, request: web.Request) -> web.Response:
+        body, content_type = self.metrics.render()
+        return web.Response(body=body, headers={"Content-Type": content_type})
+
+    async def _completions(self, request: web.Request) -> web.StreamResponse:
+        return await self._serve(request, "/v1/completions", chat=False)
+
+    async def _chat(self, request: web.Request) -> web.StreamResponse:
+        return await self._serve(request, "/v1/chat/completions", chat=True)
+
+    # ---- the request path --------------------------------------------------------------------
+
+    async def _read_body(self, request: web.Request) -> dict[str, Any]:
+        try:
+            body = await request.json(loads=json.loads)
+        except web.HTTPRequestEntityTooLarge:
+            raise
+        except (json.JSONDecodeError, UnicodeDecodeError, ValueError) as exc:
+            raise BadRequest(f"body is not valid JSON: {exc}") from exc
+        if not isinstance(body, dict):
+            raise BadRequest("body must be a JSON object")
+        model = body.get("model")
+        if not isinstance(model, str) or not model:
+            raise BadRequest("'model' is required")
+        models = self.pool.models()
+        if models and model not in models:
+            raise LookupError(f"model {model!r} is not served here; available: {models}")
+        max_tokens = body.get("max_tokens", body.get("max_completion_tokens"))
+        if max_tokens is not None and (not isinstance(max_tokens, int) or max_tokens < 1):
+            raise BadRequest("'max_tokens' must be a positive integer")
+        return body
+
+    async def _serve(self, request: web.Request, path: str, chat: bool) -> web.StreamResponse:
+        started = time.perf_counter()
+        endpoint = "chat" if chat else "completions"
+        if self._in_flight >= self.settings.max_in_flight:
+            self.metrics.requests.labels(endpoint=endpoint, status="503").inc()
+            return _error(503, "proxy overloaded: too many requests in flight", "overloaded")
+        self._in_flight += 1
+        request_id = request.headers.get("X-Request-Id") or f"mc-{uuid.uuid4().hex}"
+        try:
+            try:
+                body = await self._read_body(request)
+                prompt = self.hasher.analyze(body, chat)
+            except web.HTTPRequestEntityTooLarge:
+                return self._count(endpoint, _error(413, "request body too large"))
+            except BadRequest as exc:
+                return self._count(endpoint, _error(400, str(exc)))
+            except LookupError as exc:
+                return self._count(endpoint, _error(404, str(exc), "model_not_found"))
+            response = await self._route_and_forward(request, path, body, prompt, request_id,
+                                                     started)
+            return self._count(endpoint, response)
+        finally:
+            self._in_flight -= 1
+
+    def _count(self, endpoint: str, response: web.StreamResponse) -> web.StreamResponse:
+        self.metrics.requests.labels(endpoint=endpoint, status=str(response.status)).inc()
+        return response
+
+    async def _route_and_forward(self, request: web.Request, path: str, body: dict[str, Any],
+                                 prompt: Any, request_id: str,
+                                 started: float) -> web.StreamResponse:
+        keys = list(prompt.block_keys)
+        if keys and self.store_lookup is not None:
+            t0 = time.perf_counter()
+            try:
+                hits = await asyncio.wait_for(self.store_lookup(keys), timeout=1.0)
+                held = [k for k, hit in zip(keys, hits) if hit]
+                self.conductor.on_blocks_evicted(STORE_ID, [k for k in keys if k not in held])
+                self.conductor.on_blocks_cached(STORE_ID, held)
+            except Exception as exc:  # the store is an optimisation: route without it
+                log.warning("store lookup failed (%s); routing without it", exc)
+            self.metrics.stage.labels(stage="store_lookup").observe(time.perf_counter() - t0)
+        max_tokens = body.get("max_tokens") or body.get("max_completion_tokens")
+        t0 = time.perf_counter()
+        if not self.pool.healthy("prefill", "mixed") or (self.pd and not self.pool.healthy("decode")):
+            return _error(503, "no healthy instance to serve this request", "unavailable")
+        decision = self.conductor.decide(RequestInfo(request_id, keys, prompt.token_count,
+                                                     max_tokens if isinstance(max_tokens, int) else None))
+        self.metrics.stage.labels(stage="decide").observe(time.perf_counter() - t0)
+        if not decision.accepted:
+            self.metrics.rejected.labels(reason=decision.reason.split(":")[0][:40]).inc()
+            return _error(429, f"rejected: {decision.reason}", "rejected",
+                          predicted_ttft_s=round(decision.predicted_ttft, 3))
+        try:
+            if self.pd:
+                return await self._pd(request, path, body, keys, request_id, decision, started)
+            inst = self.pool.get(decision.prefill_id or "")
+            if inst is None:
+                return _error(503, "chosen instance vanished", "unavailable")
+            self._feedback(self.conductor.on_prefill_started, request_id)
+            resp = await self._relay(request, inst, path, body, request_id, started)
+            self.conductor.on_blocks_cached(inst.id, keys)
+            return resp
+        finally:
+            self.conductor.on_request_dropped(request_id)
+
+    async def _pd(self, request: web.Request, path: str, body: dict[str, Any], keys: list[str],
+                  request_id: str, decision: Any, started: float) -> web.StreamResponse:
+        prefill_body = dict(body, max_tokens=1, stream=False,
+                            kv_transfer_params={"do_remote_decode": True})
+        if "max_completion_tokens" in body:
+            prefill_body["max_completion_tokens"] = 1
+        prefill_body.pop("stream_options", None)
+        tried: set[str] = set()
+        prefill_id = decision.prefill_id
+        params: dict[str, Any] | None = None
+        while prefill_id is not None and prefill_id not in tried:
+            tried.add(prefill_id)
+            inst = self.pool.get(prefill_id)
+            if inst is None:
+                break
+            self._feedback(self.conductor.on_prefill_started, request_id)
+            t0 = time.perf_counter()
+            try:
+                status, answer = await self._post_json(inst, path, prefill_body, request, request_id)
+            except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+                log.warning("prefill on %s failed (%s); retrying elsewhere", inst.id, exc)
+                self.pool.mark_failed(inst)
+                others = [i for i in self.pool.healthy("prefill") if i.id not in tried]
+                prefill_id = min(others, key=lambda i: i.in_flight).id if others else None
+                continue
+            if status != 200:
+                return web.json_response(answer, status=status)
+            self._feedback(self.conductor.on_prefill_finished, request_id, time.perf_counter() - t0)
+            self.conductor.on_blocks_cached(inst.id, keys)
+            self.metrics.stage.labels(stage="prefill").observe(time.perf_counter() - t0)
+            params = answer.get("kv_transfer_params") if isinstance(answer, dict) else None
+            break
+        if params is None and prefill_id is None:
+            return _error(502, "every prefill instance failed", "upstream_error")
+        decode = self.pool.get(decision.decode_id or "")
+        if decode is None or not decode.healthy:
+            healthy = self.pool.healthy("decode")
+            if not healthy:
+                return _error(503, "no healthy decode instance", "unavailable")
+            decode = min(healthy, key=lambda i: i.in_flight)
+        decode_body = dict(body)
+        if params is not None:
+            decode_body["kv_transfer_params"] = params
+        self._feedback(self.conductor.on_decode_started, request_id)
+        return await self._relay(request, decode, path, decode_body, request_id, started)
+
+    def _feedback(self, fn: Callable[..., Any], *args: Any) -> None:
+        """Tell the Conductor what happened. A request it no longer tracks (its instance left
+        the pool meanwhile) is not an error for the client: the proxy carries on."""
+        try:
+            fn(*args)
+        except ConductorError as exc:
+            log.debug("conductor feedback skipped: %s", exc)
+
+    def _headers(self, request: web.Request, request_id: str) -> dict[str, str]:
+        drop = HOP_BY_HOP | {"x-request-id"} | ({"authorization"} if self.settings.api_key else set())
+        headers = {k: v for k, v in request.headers.items() if k.lower() not in drop}
+        headers["X-Request-Id"] = request_id
+        return headers
+
+    async def _post_json(self, inst: Instance, path: str, body: dict[str, Any],
+                         request: web.Request, request_id: str) -> tuple[int, Any]:
+        assert self._session is not None
+        inst.in_flight += 1
+        try:
+            async with self._session.post(f"{inst.url}{path}", json=body,
+                                          headers=self._headers(request, request_id)) as r:
+                try:
+                    return r.status, await r.json(content_type=None)
+                except (json.JSONDecodeError, ValueError):
+                    text = await r.text(errors="replace")
+                    return 502, {"error": {"message": f"bad response from {inst.id}: {text[:200]}",
+                                           "type": "upstream_error", "code": 502}}
+        finally:
+            inst.in_flight -= 1
+
+    async def _relay(self, request: web.Request, inst: Instance, path: str, body: dict[str, Any],
+                     request_id: str, started: float) -> web.StreamResponse:
+        """Forward ``body`` to ``inst`` and stream its answer back as it arrives."""
+        assert self._session is not None
+        inst.in_flight += 1
+        response: web.StreamResponse | None = None
+        try:
+            async with self._session.post(f"{inst.url}{path}", json=body,
+                                          headers=self._headers(request, request_id)) as upstream:
+                response = web.StreamResponse(status=upstream.status)
+                ctype = upstream.headers.get("Content-Type", "application/json")
+                response.headers["Content-Type"] = ctype
+                response.headers["X-Request-Id"] = request_id
+                first = True
+                await response.prepare(request)
+                async for chunk in upstream.content.iter_any():
+                    if first:
+                        self.metrics.ttft.observe(time.perf_counter() - started)
+                        first = False
+                    await response.write(chunk)
+                await response.write_eof()
+                if upstream.status == 200:
+                    self._feedback(self.conductor.on_decode_finished, request_id)
+                return response
+        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+            self.pool.mark_failed(inst)
+            message = f"instance {inst.id} failed: {type(exc).__name__}: {exc}"
+            if response is None or not response.prepared:
+                return _error(502, message, "upstream_error")
+            # Mid-stream: the status line is gone; end the stream with a clean error event.
+            event = {"error": {"message": message, "type": "upstream_error", "code": 502}}
+            try:
+                await response.write(f"data: {json.dumps(event)}\n\ndata: [DONE]\n\n".encode())
+                await response.write_eof()
+            except (ConnectionResetError, RuntimeError):
+                pass
+            return response
+        finally:
+            inst.in_flight -= 1

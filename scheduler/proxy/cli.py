@@ -1,0 +1,122 @@
+"""``mooncake-proxy`` / ``python -m scheduler``: run the Conductor proxy in front of vLLM engines."""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import signal
+from typing import Any
+
+from scheduler.policy import POLICY_NAMES, REJECTION_MODES, ConductorConfig
+from scheduler.proxy.app import Proxy, ProxySettings, StoreLookup
+from scheduler.proxy.instances import InstanceSpec, load_instances, parse_instance
+from scheduler.proxy.prompt import PromptHasher
+from store.keys import KeyNamespace
+
+__all__ = ["build_parser", "main"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="mooncake-proxy",
+        description="OpenAI-compatible P/D proxy that routes by KV-cache hits and predicted "
+                    "TTFT/TBT, rejecting early what cannot meet its SLO.")
+    a = p.add_argument
+    a("--host", default="127.0.0.1", help="address to bind (default: loopback)")
+    a("--port", type=int, default=8000, help="port to bind (default: 8000)")
+    a("--prefill", action="append", default=[], metavar="URL", help="a prefill instance (repeat)")
+    a("--decode", action="append", default=[], metavar="URL", help="a decode instance (repeat)")
+    a("--instance", action="append", default=[], metavar="[ROLE=]URL",
+      help="an instance with its role: prefill|decode|mixed (default mixed)")
+    a("--instances-file", "--instances_file", metavar="PATH",
+      help='JSON list of {"url", "role", "id", "namespace"}')
+    a("--policy", choices=POLICY_NAMES, default="global_cache", help="routing policy")
+    a("--rejection", choices=REJECTION_MODES, default="predictive", help="early rejection mode")
+    a("--ttft-slo", "--ttft_slo", type=float, default=30.0, help="TTFT SLO in seconds (0: none)")
+    a("--tbt-slo", "--tbt_slo", type=float, default=0.1, help="TBT SLO in seconds (0: none)")
+    a("--kvcache-balancing-threshold", "--kvcache_balancing_threshold", type=float, default=1.25,
+      help="prefix ratio above which hot blocks are replicated next to the chosen instance")
+    a("--tokenizer", help="local tokenizer path (the model's); enables cache-aware routing")
+    a("--namespace", help="KV key namespace as JSON (store.keys.KeyNamespace fields), as the "
+                          "connector of the engines uses it")
+    a("--master", help="store master host:port, for one batched existence lookup per request")
+    a("--api-key", "--api_key", default=os.environ.get("MOONCAKE_PROXY_API_KEY"),
+      help="require 'Authorization: Bearer KEY' from clients (env MOONCAKE_PROXY_API_KEY)")
+    a("--max-in-flight", "--max_in_flight", type=int, default=1024,
+      help="requests in flight before answering 503")
+    a("--request-timeout", "--request_timeout", type=float, default=600.0,
+      help="upper bound of one upstream request, in seconds")
+    a("--log-level", "--log_level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    return p
+
+
+def _instances(args: argparse.Namespace) -> list[InstanceSpec]:
+    specs = [InstanceSpec(url, "prefill") for url in args.prefill]
+    specs += [InstanceSpec(url, "decode") for url in args.decode]
+    specs += [parse_instance(text) for text in args.instance]
+    if args.instances_file:
+        specs += load_instances(args.instances_file)
+    if not specs:
+        raise ValueError("no instances: give --prefill/--decode, --instance or --instances-file")
+    roles = {s.role for s in specs}
+    if "mixed" in roles and len(roles) > 1:
+        raise ValueError("mixed instances cannot be combined with prefill/decode instances")
+    if roles & {"prefill", "decode"} and not {"prefill", "decode"} <= roles:
+        raise ValueError("P/D mode needs at least one prefill and one decode instance")
+    return specs
+
+
+def _store_lookup(address: str) -> StoreLookup:
+    from store.master.client import MasterClient  # noqa: PLC0415 - only when a master is given
+
+    client = MasterClient(address)
+
+    async def lookup(keys: Any) -> list[bool]:
+        return await client.batch_exists(list(keys))
+
+    return lookup
+
+
+async def _run(args: argparse.Namespace) -> None:
+    namespace = KeyNamespace.from_dict(json.loads(args.namespace)) if args.namespace else None
+    proxy = Proxy(
+        _instances(args),
+        settings=ProxySettings(host=args.host, port=args.port, api_key=args.api_key,
+                               max_in_flight=args.max_in_flight,
+                               request_timeout=args.request_timeout),
+        conductor=ConductorConfig(policy=args.policy, rejection=args.rejection,
+                                  ttft_slo_s=args.ttft_slo, tbt_slo_s=args.tbt_slo,
+                                  kvcache_balancing_threshold=args.kvcache_balancing_threshold),
+        hasher=PromptHasher(namespace, args.tokenizer),
+        store_lookup=_store_lookup(args.master) if args.master else None,
+    )
+    await proxy.start()
+    logging.getLogger("mooncake.proxy").warning("mooncake-proxy listening on %s", proxy.url)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await stop.wait()
+    finally:
+        await proxy.stop()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        _instances(args)
+        if args.namespace:
+            KeyNamespace.from_dict(json.loads(args.namespace))
+    except (ValueError, TypeError) as exc:
+        parser.error(str(exc))
+    asyncio.run(_run(args))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,214 @@
+"""The proxy over real HTTP: P/D flow, mixed mode, streaming, errors, rejection, health, metrics."""
+from __future__ import annotations
+
+import asyncio
+import json
+
+import httpx
+import pytest
+
+from scheduler.policy import ConductorConfig
+from scheduler.proxy import Proxy, ProxySettings
+from scheduler.proxy.instances import InstanceSpec, parse_instance
+from scheduler.testing import MiniEngine
+
+pytestmark = pytest.mark.timeout(60)
+
+
+@pytest.fixture
+async def engines():
+    started = [await MiniEngine().start() for _ in range(3)]
+    yield started
+    for e in started:
+        await e.stop()
+
+
+async def _proxy(specs, **kwargs) -> Proxy:
+    settings = kwargs.pop("settings", ProxySettings(port=0, health_interval=0.2))
+    proxy = Proxy(specs, settings=settings, **kwargs)
+    await proxy.start()
+    return proxy
+
+
+async def test_pd_flow_sends_prefill_then_decode_with_transfer_params(engines):
+    prefill, decode, _ = engines
+    proxy = await _proxy([InstanceSpec(prefill.url, "prefill"), InstanceSpec(decode.url, "decode")])
+    try:
+        async with httpx.AsyncClient(base_url=proxy.url, timeout=10) as client:
+            r = await client.post("/v1/completions", headers={"X-Request-Id": "req-1"},
+                                  json={"model": "mini", "prompt": "hello", "max_tokens": 5,
+                                        "stream": False, "stream_options": {"include_usage": True}})
+        assert r.status_code == 200, r.text
+        assert r.json()["usage"]["completion_tokens"] == 5
+        (pre,) = prefill.requests
+        assert pre["max_tokens"] == 1 and pre["stream"] is False and "stream_options" not in pre
+        assert pre["kv_transfer_params"] == {"do_remote_decode": True}
+        (dec,) = decode.requests
+        assert dec["max_tokens"] == 5
+        assert dec["kv_transfer_params"]["do_remote_prefill"] is True
+        assert dec["kv_transfer_params"]["remote_engine"] == prefill.url
+        assert prefill.headers[0]["x-request-id"] == decode.headers[0]["x-request-id"] == "req-1"
+    finally:
+        await proxy.stop()
+
+
+async def test_streaming_chat_is_relayed_as_sse(engines):
+    proxy = await _proxy([InstanceSpec(engines[0].url, "prefill"),
+                          InstanceSpec(engines[1].url, "decode")])
+    try:
+        async with httpx.AsyncClient(base_url=proxy.url, timeout=10) as client:
+            async with client.stream("POST", "/v1/chat/completions",
+                                     json={"model": "mini", "stream": True, "max_tokens": 3,
+                                           "messages": [{"role": "user", "content": "hi"}]}) as r:
+                assert r.status_code == 200
+                assert r.headers["content-type"].startswith("text/event-stream")
+                events = [line async for line in r.aiter_lines() if line.startswith("data: ")]
+        assert events[-1] == "data: [DONE]"
+        assert len(events) == 4
+        assert json.loads(events[0][6:])["choices"][0]["delta"]["content"] == " tok"
+    finally:
+        await proxy.stop()
+
+
+async def test_mixed_mode_routes_to_one_instance(engines):
+    proxy = await _proxy([parse_instance(f"mixed={e.url}") for e in engines[:2]])
+    try:
+        async with httpx.AsyncClient(base_url=proxy.url, timeout=10) as client:
+            for _ in range(4):
+                r = await client.post("/v1/completions",
+                                      json={"model": "mini", "prompt": "x", "max_tokens": 2})
+                assert r.status_code == 200
+        sent = [e.requests for e in engines[:2]]
+        assert sum(len(s) for s in sent) == 4
+        assert all("kv_transfer_params" not in b for s in sent for b in s)
+    finally:
+        await proxy.stop()
+
+
+@pytest.mark.parametrize("body, status, fragment", [
+    (b"{not json", 400, "valid JSON"),
+    (b"[1, 2]", 400, "JSON object"),
+    (json.dumps({"prompt": "x"}).encode(), 400, "'model'"),
+    (json.dumps({"model": "mini"}).encode(), 400, "'prompt'"),
+    (json.dumps({"model": "mini", "prompt": "x", "max_tokens": -3}).encode(), 400, "max_tokens"),
+    (json.dumps({"model": "nope", "prompt": "x"}).encode(), 404, "not served"),
+])
+async def test_bad_requests_get_clear_4xx(engines, body, status, fragment):
+    proxy = await _proxy([InstanceSpec(engines[0].url, "mixed")])
+    try:
+        async with httpx.AsyncClient(base_url=proxy.url, timeout=10) as client:
+            r = await client.post("/v1/completions", content=body,
+                                  headers={"Content-Type": "application/json"})
+            assert r.status_code == status
+            assert fragment in r.json()["error"]["message"]
+            ok = await client.post("/v1/completions", json={"model": "mini", "prompt": "x"})
+            assert ok.status_code == 200  # the proxy is unharmed
+    finally:
+        await proxy.stop()
+
+
+async def test_engine_error_status_is_passed_through(engines):
+    engines[0].fail_status = 400
+    proxy = await _proxy([InstanceSpec(engines[0].url, "mixed")])
+    try:
+        async with httpx.AsyncClient(base_url=proxy.url, timeout=10) as client:
+            r = await client.post("/v1/completions", json={"model": "mini", "prompt": "x"})
+        assert r.status_code == 400
+        assert r.json()["error"]["message"] == "injected failure"
+    finally:
+        await proxy.stop()
+
+
+async def test_engine_dying_mid_stream_gives_clean_error_event(engines):
+    engines[1].die_after = 2
+    proxy = await _proxy([InstanceSpec(engines[0].url, "prefill"),
+                          InstanceSpec(engines[1].url, "decode")])
+    try:
+        async with httpx.AsyncClient(base_url=proxy.url, timeout=10) as client:
+            async with client.stream("POST", "/v1/completions",
+                                     json={"model": "mini", "prompt": "x", "stream": True,
+                                           "max_tokens": 6}) as r:
+                events = [line async for line in r.aiter_lines() if line.startswith("data: ")]
+        assert events[-1] == "data: [DONE]"
+        assert "error" in json.loads(events[-2][6:])
+        assert not proxy.pool.get(f"decode@127.0.0.1:{engines[1].port}").healthy
+    finally:
+        await proxy.stop()
+
+
+async def test_dead_prefill_is_retried_elsewhere_and_returns_when_healthy(engines):
+    a, b, decode = engines
+    proxy = await _proxy([InstanceSpec(a.url, "prefill", id="a"), InstanceSpec(b.url, "prefill", id="b"),
+                          InstanceSpec(decode.url, "decode")])
+    try:
+        port_a = a.port
+        await a.stop()  # dies after the pool saw it healthy
+        async with httpx.AsyncClient(base_url=proxy.url, timeout=10) as client:
+            for _ in range(3):
+                r = await client.post("/v1/completions",
+                                      json={"model": "mini", "prompt": "x", "max_tokens": 2})
+                assert r.status_code == 200, r.text
+        assert len(b.requests) == 3 and not proxy.pool.get("a").healthy
+        a.port = port_a
+        await a.start()
+        for _ in range(50):
+            if proxy.pool.get("a").healthy:
+                break
+            await asyncio.sleep(0.1)
+        assert proxy.pool.get("a").healthy
+        assert "a" in proxy.conductor.instances
+    finally:
+        await proxy.stop()
+
+
+async def test_predicted_slo_miss_is_rejected_with_429(engines):
+    conductor = ConductorConfig(ttft_slo_s=1e-9, rejection="predictive")
+    proxy = await _proxy([InstanceSpec(engines[0].url, "prefill"),
+                          InstanceSpec(engines[1].url, "decode")], conductor=conductor)
+    try:
+        async with httpx.AsyncClient(base_url=proxy.url, timeout=10) as client:
+            r = await client.post("/v1/completions",
+                                  json={"model": "mini", "prompt": "x" * 4000, "max_tokens": 2})
+            assert r.status_code == 429
+            assert r.json()["error"]["type"] == "rejected"
+            metrics = (await client.get("/metrics")).text
+        assert "mooncake_proxy_rejected_total" in metrics
+        assert not engines[0].requests  # rejected before any engine work
+    finally:
+        await proxy.stop()
+
+
+async def test_api_key_models_health(engines):
+    proxy = await _proxy([InstanceSpec(engines[0].url, "mixed")],
+                         settings=ProxySettings(port=0, api_key="sekret", health_interval=0.2))
+    try:
+        async with httpx.AsyncClient(base_url=proxy.url, timeout=10) as client:
+            assert (await client.get("/v1/models")).status_code == 401
+            auth = {"Authorization": "Bearer sekret"}
+            models = await client.get("/v1/models", headers=auth)
+            assert [m["id"] for m in models.json()["data"]] == ["mini"]
+            r = await client.post("/v1/completions", headers=auth,
+                                  json={"model": "mini", "prompt": "x"})
+            assert r.status_code == 200
+            assert "authorization" not in engines[0].headers[-1]  # our key is not leaked upstream
+            assert (await client.get("/health")).json()["status"] == "ok"
+        await engines[0].stop()
+        await proxy.pool.check_all()
+        async with httpx.AsyncClient(base_url=proxy.url, timeout=10) as client:
+            assert (await client.get("/health")).status_code == 503
+    finally:
+        await proxy.stop()
+
+
+async def test_overload_answers_503(engines):
+    engines[0].delay = 0.5
+    proxy = await _proxy([InstanceSpec(engines[0].url, "mixed")],
+                         settings=ProxySettings(port=0, max_in_flight=2, health_interval=0.2))
+    try:
+        async with httpx.AsyncClient(base_url=proxy.url, timeout=10) as client:
+            results = await asyncio.gather(*(client.post(
+                "/v1/completions", json={"model": "mini", "prompt": "x"}) for _ in range(5)))
+        codes = sorted(r.status_code for r in results)
+        assert codes.count(200) == 2 and codes.count(503) == 3
+    finally:
+        await proxy.stop()
