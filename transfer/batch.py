@@ -1,0 +1,205 @@
+"""Batches: requests, per-request status, and the slicing/retry loop that runs them.
+
+Why slices and paths: a large request is cut into ``slice_size`` pieces spread over
+``streams_per_peer`` paths (tcp streams, copy threads, NICs) so one request uses every path at
+once. A path that fails has its slices retried on the next path; after ``max_retries`` failed
+attempts the requests those slices belong to fail with the cause of the last one. Requests whose
+slices all landed complete even when a neighbour in the batch failed.
+"""
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from transfer.errors import TransferFailedError
+from transfer.transports.base import Opcode, Slice, Transport, TransportError
+
+__all__ = ["Batch", "RequestResult", "RequestStatus", "Route", "TransferRequest", "run_routes"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class TransferRequest:
+    """Move ``length`` bytes between ``local_addr`` and ``remote_addr`` of ``segment``."""
+
+    opcode: Opcode
+    local_addr: int
+    segment: str
+    remote_addr: int
+    length: int
+
+
+class RequestStatus(enum.IntEnum):
+    PENDING = 0
+    COMPLETED = 1
+    FAILED = 2
+
+
+@dataclass(slots=True)
+class RequestResult:
+    status: RequestStatus = RequestStatus.PENDING
+    transferred: int = 0
+    error: str | None = None
+
+
+class Batch:
+    """A submitted batch; status is readable from any thread, :meth:`wait` from the loop."""
+
+    def __init__(self, batch_id: int, requests: Sequence[TransferRequest]) -> None:
+        self.id = batch_id
+        self.requests = tuple(requests)
+        self.results = [RequestResult() for _ in requests]
+        self._done = asyncio.Event()
+        self.task: asyncio.Task[None] | None = None
+
+    @property
+    def done(self) -> bool:
+        return self._done.is_set()
+
+    def status(self) -> list[RequestResult]:
+        """A copy of every request's status, bytes moved and error."""
+        return [RequestResult(r.status, r.transferred, r.error) for r in self.results]
+
+    @property
+    def ok(self) -> bool:
+        return all(r.status is RequestStatus.COMPLETED for r in self.results)
+
+    async def wait(self, timeout: float | None = None) -> list[RequestResult]:
+        """Wait until every request completed or failed; ``TimeoutError`` after ``timeout``."""
+        await asyncio.wait_for(self._done.wait(), timeout)
+        return self.status()
+
+    def raise_for_status(self) -> None:
+        """Raise :class:`TransferFailedError` naming the first failed request, if any."""
+        for i, r in enumerate(self.results):
+            if r.status is RequestStatus.FAILED:
+                raise TransferFailedError(f"request {i} of batch {self.id} failed: {r.error}")
+            if r.status is RequestStatus.PENDING:
+                raise TransferFailedError(f"request {i} of batch {self.id} is still pending")
+
+    def _finish(self) -> None:
+        for r in self.results:
+            if r.status is RequestStatus.PENDING:
+                r.status, r.error = RequestStatus.FAILED, r.error or "batch ended early"
+        self._done.set()
+
+
+Owners = tuple[tuple[int, int], ...]  # (request index, bytes of this slice it owns)
+
+
+@dataclass(slots=True)
+class _Run:
+    opcode: Opcode
+    local: int
+    remote: int
+    length: int
+    owners: list[tuple[int, int]]
+
+
+@dataclass(slots=True)
+class Route:
+    """Requests of one batch going to one peer over one transport.
+
+    Requests that continue each other on both sides (same direction, local and remote both
+    contiguous - e.g. consecutive KV blocks) are coalesced into one run before slicing, so a
+    batch of many small requests costs a few large slices, not one round trip per request.
+    """
+
+    transport: Transport
+    peer_name: str
+    peer_entry: dict[str, Any]
+    peer_buffers: list[dict[str, Any]]
+    on_failure: Callable[[], None]
+    runs: list[_Run] = field(default_factory=list)
+    items: list[tuple[Owners, Slice]] = field(default_factory=list)
+
+    def add(self, index: int, opcode: Opcode, local: int, remote: int, length: int) -> None:
+        if self.runs:
+            run = self.runs[-1]
+            if (run.opcode == opcode and run.local + run.length == local
+                    and run.remote + run.length == remote):
+                run.owners.append((index, length))
+                run.length += length
+                return
+        self.runs.append(_Run(opcode, local, remote, length, [(index, length)]))
+
+    def cut(self, slice_size: int) -> None:
+        """Cut every run into slices of at most ``slice_size`` bytes."""
+        for run in self.runs:
+            owners = iter(run.owners)
+            index, left = next(owners)
+            for off in range(0, run.length, slice_size):
+                n = min(slice_size, run.length - off)
+                parts: list[tuple[int, int]] = []
+                need = n
+                while need:
+                    take = min(need, left)
+                    parts.append((index, take))
+                    need -= take
+                    left -= take
+                    if left == 0:
+                        index, left = next(owners, (-1, 0))
+                self.items.append((tuple(parts), Slice(run.opcode, run.local + off,
+                                                       run.remote + off, n)))
+        self.runs.clear()
+
+
+async def run_routes(batch: Batch, routes: Sequence[Route], *, paths: int, max_retries: int,
+                     after: Callable[[], Awaitable[None]] | None = None) -> None:
+    """Run every route's slices over ``paths`` parallel paths with retries; fill ``batch``."""
+    failed: dict[int, str] = {}
+    groups = []
+    for route in routes:
+        n = max(1, min(paths, len(route.items)))
+        for p in range(n):
+            groups.append(_run_group(batch, route, route.items[p::n], p, max_retries, failed))
+    try:
+        await asyncio.gather(*groups)
+        for i, r in enumerate(batch.results):
+            if i in failed:
+                r.status, r.error = RequestStatus.FAILED, failed[i]
+            elif r.transferred >= batch.requests[i].length:
+                r.status = RequestStatus.COMPLETED
+        if after is not None:
+            await after()
+    except asyncio.CancelledError:
+        for r in batch.results:
+            if r.status is RequestStatus.PENDING:
+                r.status, r.error = RequestStatus.FAILED, "cancelled (engine closed)"
+        raise
+    finally:
+        batch._finish()
+
+
+async def _run_group(batch: Batch, route: Route, items: list[tuple[Owners, Slice]], path: int,
+                     max_retries: int, failed: dict[int, str]) -> None:
+    slices = [s for _, s in items]
+    error = "no attempt made"
+    for attempt in range(max_retries + 1):
+        try:
+            await route.transport.execute(route.peer_name, route.peer_entry, route.peer_buffers,
+                                          slices, path=path + attempt)
+        except TransportError as e:
+            error = f"{route.transport.name}: {e}"
+            logger.debug("batch %d: path %d attempt %d failed: %s", batch.id, path + attempt,
+                         attempt, e)
+            route.on_failure()
+            if not e.retryable:
+                break
+            continue
+        except Exception as e:  # a transport bug must fail the requests, not hang the batch
+            logger.exception("transport %s raised unexpectedly", route.transport.name)
+            error = f"{route.transport.name}: internal error: {e!r}"
+            break
+        for owners, _ in items:
+            for index, n in owners:
+                batch.results[index].transferred += n
+        return
+    for owners, _ in items:
+        for index, _ in owners:
+            failed.setdefault(index, error)

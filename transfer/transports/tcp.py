@@ -1,0 +1,424 @@
+"""The TCP data plane: a data listener per engine and a pool of persistent streams per peer.
+
+Why blocking sockets on worker threads and not asyncio: bulk bytes want ``recv_into`` straight
+into the target memory and ``sendmsg`` straight from it, with the GIL released for the whole
+syscall; on a 2-core machine an event loop in the middle only adds copies and wake-ups. Each
+path (``path % streams_per_peer``) is one connection owned by one thread at a time, so slices on
+different paths move in parallel and a retry on another path uses another socket.
+
+Wire format (all integers big-endian)::
+
+    handshake   client -> HELLO   "MCTD" u16 version, 32-byte client nonce
+                server -> WELCOME "MCTD" u8 auth_required, 32-byte server nonce
+                if auth_required: client -> 32-byte HMAC proof;
+                                  server -> u8 ok + 32-byte server proof (or u8 0 and close)
+    request     u16 magic, u8 opcode, u8 0, u32 tag, u64 remote_addr, u64 length [+ payload]
+    response    u16 magic, u8 status, u8 0, u32 tag, u64 length [+ payload or error text]
+
+The server checks ``[remote_addr, remote_addr + length)`` against its registry *before* touching
+memory. A WRITE to a bad range has its payload drained (bounded by ``MAX_SLICE``) and gets an
+error status, so the stream stays in sync; a length above ``MAX_SLICE`` or a bad magic closes
+the connection.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+import struct
+import threading
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from transfer.errors import AddressError
+from transfer.memory import MemoryRegistry, Region, memory_at
+from transfer.rpc import auth
+from transfer.transports.base import Opcode, Slice, Transport, TransportError
+
+__all__ = ["MAX_SLICE", "PROTOCOL_VERSION", "TcpTransport"]
+
+logger = logging.getLogger(__name__)
+
+PROTOCOL_VERSION = 1
+MAX_SLICE = 256 << 20
+_MAGIC = 0x4D43
+_HELLO = struct.Struct("!4sH32s")
+_WELCOME = struct.Struct("!4sB32s")
+_REQ = struct.Struct("!HBBIQQ")
+_RESP = struct.Struct("!HBBIQ")
+_TAG = b"MCTD"
+_OK, _BAD_RANGE, _IO_ERROR, _BAD_REQUEST = 0, 1, 2, 3
+_MAX_ERROR_TEXT = 4096
+_SOCK_BUF = 4 << 20
+_PIPELINE = 8
+_MAX_SERVER_CONNECTIONS = 512
+
+#: ``(region, remote address, view) -> None``: device/file access the server cannot do with a
+#: plain memoryview (CUDA staging); installed by the engine.
+RegionIO = Callable[[Region, int, memoryview], None]
+
+
+class _RemoteError(Exception):
+    pass
+
+
+def _recv_exact(sock: socket.socket, view: memoryview) -> None:
+    while view:
+        n = sock.recv_into(view)
+        if n == 0:
+            raise ConnectionError("peer closed the connection")
+        view = view[n:]
+
+
+def _send(sock: socket.socket, head: bytes, payload: memoryview | None = None) -> None:
+    if payload is None or len(payload) == 0:
+        sock.sendall(head)
+        return
+    sent = sock.sendmsg([head, payload])
+    if sent < len(head):
+        sock.sendall(head[sent:])
+        sock.sendall(payload)
+    elif sent < len(head) + len(payload):
+        sock.sendall(payload[sent - len(head):])
+
+
+def _tune(sock: socket.socket) -> None:
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)  # a vanished peer frees threads
+    for opt in (socket.SO_SNDBUF, socket.SO_RCVBUF):
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, opt, _SOCK_BUF)
+
+
+class _Server:
+    """Accepts data connections and serves slices against the engine's registry."""
+
+    def __init__(self, registry: MemoryRegistry, bind_host: str, secret: bytes | None,
+                 io_timeout: float, region_io: tuple[RegionIO, RegionIO] | None) -> None:
+        self._registry = registry
+        self._secret = secret
+        self._io_timeout = io_timeout
+        self._region_io = region_io
+        self._sock = socket.create_server((bind_host, 0), backlog=128)
+        self.port = int(self._sock.getsockname()[1])
+        self._conns: set[socket.socket] = set()
+        self._lock = threading.Lock()
+        self._closed = False
+        self._thread = threading.Thread(target=self._accept_loop, daemon=True,
+                                        name=f"mooncake-tcp-accept:{self.port}")
+        self._thread.start()
+
+    def _accept_loop(self) -> None:
+        while not self._closed:
+            try:
+                conn, _ = self._sock.accept()
+            except OSError:
+                return
+            with self._lock:
+                if self._closed or len(self._conns) >= _MAX_SERVER_CONNECTIONS:
+                    conn.close()
+                    continue
+                self._conns.add(conn)
+            threading.Thread(target=self._serve, args=(conn,), daemon=True,
+                             name="mooncake-tcp-serve").start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        try:
+            _tune(conn)
+            conn.settimeout(5.0)
+            if not self._handshake(conn):
+                return
+            conn.settimeout(None)  # idle streams are fine; a peer's death closes the socket
+            self._serve_requests(conn)
+        except (OSError, ConnectionError) as e:
+            logger.debug("data connection closed: %s", e)
+        finally:
+            with self._lock:
+                self._conns.discard(conn)
+            conn.close()
+
+    def _handshake(self, conn: socket.socket) -> bool:
+        hello = bytearray(_HELLO.size)
+        _recv_exact(conn, memoryview(hello))
+        tag, version, client_nonce = _HELLO.unpack(hello)
+        if tag != _TAG or version != PROTOCOL_VERSION:
+            return False
+        server_nonce = auth.new_nonce()
+        conn.sendall(_WELCOME.pack(_TAG, 1 if self._secret else 0, server_nonce))
+        if self._secret is None:
+            return True
+        proof = bytearray(32)
+        _recv_exact(conn, memoryview(proof))
+        expected = auth.client_proof(self._secret, client_nonce, server_nonce)
+        if not auth.proof_matches(expected, bytes(proof)):
+            conn.sendall(b"\x00" + bytes(32))
+            logger.warning("refused an unauthenticated data connection")
+            return False
+        conn.sendall(b"\x01" + auth.server_proof(self._secret, client_nonce, server_nonce))
+        return True
+
+    def _serve_requests(self, conn: socket.socket) -> None:
+        head = bytearray(_REQ.size)
+        head_view = memoryview(head)
+        scratch: bytearray | None = None
+        while True:
+            _recv_exact(conn, head_view)
+            magic, op, _, tag, addr, length = _REQ.unpack(head)
+            if (magic != _MAGIC or op not in (Opcode.READ, Opcode.WRITE)
+                    or not 0 < length <= MAX_SLICE):
+                self._reply_error(conn, tag, _BAD_REQUEST,
+                                  f"malformed request (op={op}, length={length})")
+                return
+            try:
+                region = self._registry.find(addr, length)
+            except AddressError as e:
+                if op == Opcode.WRITE:
+                    scratch = scratch or bytearray(1 << 20)
+                    left = length
+                    while left:
+                        n = min(left, len(scratch))
+                        _recv_exact(conn, memoryview(scratch)[:n])
+                        left -= n
+                self._reply_error(conn, tag, _BAD_RANGE, str(e))
+                continue
+            # Idle between requests is fine; stalling inside one is not (io_timeout).
+            conn.settimeout(self._io_timeout)
+            if not region.direct:
+                self._serve_staged(conn, op, tag, region, addr, length)
+            elif op == Opcode.WRITE:
+                _recv_exact(conn, memory_at(addr, length))
+                conn.sendall(_RESP.pack(_MAGIC, _OK, 0, tag, 0))
+            else:
+                _send(conn, _RESP.pack(_MAGIC, _OK, 0, tag, length), memory_at(addr, length))
+            conn.settimeout(None)
+
+    def _serve_staged(self, conn: socket.socket, op: int, tag: int, region: Region,
+                      addr: int, length: int) -> None:
+        staging = memoryview(bytearray(length))
+        try:
+            if op == Opcode.WRITE:
+                _recv_exact(conn, staging)
+                self._store(region, addr, staging)
+                conn.sendall(_RESP.pack(_MAGIC, _OK, 0, tag, 0))
+            else:
+                self._load(region, addr, staging)
+                _send(conn, _RESP.pack(_MAGIC, _OK, 0, tag, length), staging)
+        except (OSError, RuntimeError, ImportError) as e:
+            if isinstance(e, (ConnectionError, socket.timeout)):
+                raise
+            self._reply_error(conn, tag, _IO_ERROR, f"{type(e).__name__}: {e}")
+
+    def _load(self, region: Region, addr: int, dst: memoryview) -> None:
+        if region.is_file:
+            read_file(region, addr, dst)
+        elif self._region_io is not None:
+            self._region_io[0](region, addr, dst)
+        else:
+            raise RuntimeError(f"no staging for {region.location} buffers")
+
+    def _store(self, region: Region, addr: int, src: memoryview) -> None:
+        if region.is_file:
+            write_file(region, addr, src)
+        elif self._region_io is not None:
+            self._region_io[1](region, addr, src)
+        else:
+            raise RuntimeError(f"no staging for {region.location} buffers")
+
+    @staticmethod
+    def _reply_error(conn: socket.socket, tag: int, status: int, text: str) -> None:
+        data = text.encode("utf-8", "replace")[:_MAX_ERROR_TEXT]
+        conn.sendall(_RESP.pack(_MAGIC, status, 0, tag, len(data)) + data)
+
+    def close(self) -> None:
+        self._closed = True
+        with contextlib.suppress(OSError):
+            self._sock.shutdown(socket.SHUT_RDWR)
+        self._sock.close()
+        with self._lock:
+            conns = list(self._conns)
+        for c in conns:
+            with contextlib.suppress(OSError):
+                c.shutdown(socket.SHUT_RDWR)
+
+
+def read_file(region: Region, addr: int, dst: memoryview) -> None:
+    """Positional read of a file-backed region into ``dst`` (short reads are errors)."""
+    assert region.file_fd is not None
+    offset = region.file_offset + (addr - region.address)
+    done = 0
+    while done < len(dst):
+        n = os.preadv(region.file_fd, [dst[done:]], offset + done)
+        if n == 0:
+            raise OSError(f"short read from {region.location} at offset {offset + done}")
+        done += n
+
+
+def write_file(region: Region, addr: int, src: memoryview) -> None:
+    """Positional write of ``src`` into a file-backed region."""
+    assert region.file_fd is not None
+    offset = region.file_offset + (addr - region.address)
+    done = 0
+    while done < len(src):
+        done += os.pwritev(region.file_fd, [src[done:]], offset + done)
+
+
+class _Stream:
+    """One persistent, authenticated connection to a peer; used by one thread at a time."""
+
+    def __init__(self, host: str, port: int) -> None:
+        self.host, self.port = host, port
+        self.lock = threading.Lock()
+        self.sock: socket.socket | None = None
+        self.next_tag = 1
+
+    def drop(self) -> None:
+        sock, self.sock = self.sock, None
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+            sock.close()
+
+
+class TcpTransport(Transport):
+    """Transport over TCP; see the module docstring for the protocol."""
+
+    name = "tcp"
+
+    def __init__(self, registry: MemoryRegistry, *, host: str, bind_host: str | None = None,
+                 secret: bytes | None = None, streams_per_peer: int = 4,
+                 io_timeout: float = 10.0, connect_timeout: float = 5.0,
+                 region_io: tuple[RegionIO, RegionIO] | None = None) -> None:
+        self._registry = registry
+        self._host = host
+        self._bind_host = bind_host or host
+        self._secret = auth.check_secret(secret)
+        self._streams = streams_per_peer
+        self._io_timeout = io_timeout
+        self._connect_timeout = connect_timeout
+        self._region_io = region_io
+        self._server: _Server | None = None
+        self._pools: dict[tuple[str, int], list[_Stream]] = {}
+        self._executor = ThreadPoolExecutor(max_workers=max(4, 2 * streams_per_peer),
+                                            thread_name_prefix="mooncake-tcp")
+        self.reconnects = 0
+
+    async def start(self) -> dict[str, Any]:
+        self._server = _Server(self._registry, self._bind_host, self._secret, self._io_timeout,
+                               self._region_io)
+        return {"host": self._host, "port": self._server.port}
+
+    def reachable(self, peer_entry: Mapping[str, Any]) -> bool:
+        return isinstance(peer_entry.get("host"), str) and isinstance(peer_entry.get("port"), int)
+
+    def streams(self, host: str, port: int) -> list[_Stream]:
+        """The streams to ``host:port`` (created lazily; exposed for fault-injection tests)."""
+        key = (host, port)
+        pool = self._pools.get(key)
+        if pool is None:
+            pool = self._pools.setdefault(key, [_Stream(host, port) for _ in range(self._streams)])
+        return pool
+
+    async def execute(self, peer_name: str, peer_entry: Mapping[str, Any],
+                      peer_buffers: Sequence[Mapping[str, Any]], slices: Sequence[Slice],
+                      *, path: int = 0) -> None:
+        pool = self.streams(str(peer_entry["host"]), int(peer_entry["port"]))
+        stream = pool[path % len(pool)]
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(self._executor, self._run, stream, slices)
+
+    def _run(self, stream: _Stream, slices: Sequence[Slice]) -> None:
+        with stream.lock:
+            try:
+                if stream.sock is None:
+                    stream.sock = self._connect(stream.host, stream.port)
+                    self.reconnects += 1
+                self._pipeline(stream, slices)
+            except _RemoteError as e:
+                raise TransportError(str(e), retryable=False) from None
+            except (OSError, ConnectionError, struct.error) as e:
+                stream.drop()
+                raise TransportError(
+                    f"tcp stream to {stream.host}:{stream.port} failed: "
+                    f"{e or type(e).__name__}") from None
+
+    def _connect(self, host: str, port: int) -> socket.socket:
+        sock = socket.create_connection((host, port), timeout=self._connect_timeout)
+        try:
+            _tune(sock)
+            client_nonce = auth.new_nonce()
+            sock.sendall(_HELLO.pack(_TAG, PROTOCOL_VERSION, client_nonce))
+            welcome = bytearray(_WELCOME.size)
+            _recv_exact(sock, memoryview(welcome))
+            tag, auth_required, server_nonce = _WELCOME.unpack(welcome)
+            if tag != _TAG:
+                raise ConnectionError(f"{host}:{port} is not a transfer-engine data port")
+            if self._secret is not None and not auth_required:
+                raise _RemoteError(f"{host}:{port} does not authenticate; refusing to use it")
+            if auth_required:
+                if self._secret is None:
+                    raise _RemoteError(f"{host}:{port} requires authentication (auth_secret)")
+                sock.sendall(auth.client_proof(self._secret, client_nonce, server_nonce))
+                answer = bytearray(33)
+                _recv_exact(sock, memoryview(answer))
+                expected = auth.server_proof(self._secret, client_nonce, server_nonce)
+                if answer[0] != 1 or not auth.proof_matches(expected, bytes(answer[1:])):
+                    raise _RemoteError(f"authentication with {host}:{port} failed")
+            sock.settimeout(self._io_timeout)
+            return sock
+        except BaseException:
+            sock.close()
+            raise
+
+    def _pipeline(self, stream: _Stream, slices: Sequence[Slice]) -> None:
+        """Send up to ``_PIPELINE`` requests ahead of their responses (order is preserved)."""
+        sock = stream.sock
+        assert sock is not None
+        resp = bytearray(_RESP.size)
+        resp_view = memoryview(resp)
+        inflight: list[tuple[int, Slice]] = []
+        first_error: str | None = None
+        i = 0
+        while i < len(slices) or inflight:
+            if i < len(slices) and len(inflight) < _PIPELINE:
+                s = slices[i]
+                i += 1
+                tag = stream.next_tag
+                stream.next_tag = (tag + 1) & 0xFFFFFFFF
+                head = _REQ.pack(_MAGIC, s.opcode, 0, tag, s.remote_addr, s.length)
+                payload = memory_at(s.local_addr, s.length) if s.opcode == Opcode.WRITE else None
+                _send(sock, head, payload)
+                inflight.append((tag, s))
+                continue
+            tag, s = inflight.pop(0)
+            _recv_exact(sock, resp_view)
+            magic, status, _, rtag, length = _RESP.unpack(resp)
+            if magic != _MAGIC or rtag != tag:
+                raise ConnectionError("response out of sync (bad magic or tag)")
+            if status != _OK:
+                if length > _MAX_ERROR_TEXT:
+                    raise ConnectionError("oversized error reply")
+                text = bytearray(length)
+                _recv_exact(sock, memoryview(text))
+                first_error = first_error or f"peer refused: {text.decode('utf-8', 'replace')}"
+                if status == _BAD_REQUEST:
+                    raise ConnectionError(first_error)
+                continue
+            if s.opcode == Opcode.READ:
+                if length != s.length:
+                    raise ConnectionError(f"peer sent {length} bytes, asked for {s.length}")
+                _recv_exact(sock, memory_at(s.local_addr, s.length))
+        if first_error is not None:
+            raise _RemoteError(first_error)
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            self._server = None
+        for pool in self._pools.values():
+            for stream in pool:
+                stream.drop()
+        self._pools.clear()
+        self._executor.shutdown(wait=False, cancel_futures=True)
