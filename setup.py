@@ -54,6 +54,7 @@ setup(
             # Same name as Mooncake's standalone HTTP metadata server.
             "mooncake_http_metadata_server = transfer.metadata.__main__:main",
             "mooncake-master = store.master.__main__:main",
+            "mooncake-store-node = store.node:main",
             "mooncake-proxy = scheduler.proxy.cli:main",
         ],
         "vllm.general_plugins": [],

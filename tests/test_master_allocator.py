@@ -86,3 +86,12 @@ def test_errors_are_clear() -> None:
         alloc.free_range(offset)
     with pytest.raises(ValueError):
         OffsetAllocator.with_used(4096, [(0, 128), (64, 64)])  # overlap
+
+
+def test_request_larger_than_the_segment_is_out_of_space_not_a_crash():
+    from store.master.allocator import OffsetAllocator, OutOfSpace
+
+    alloc = OffsetAllocator(1 << 20)
+    with pytest.raises(OutOfSpace):
+        alloc.allocate(1 << 30)
+    assert alloc.allocate(1 << 20) == 0  # still fully usable

@@ -93,6 +93,8 @@ class OffsetAllocator:
         if size <= 0:
             raise ValueError(f"allocation size must be positive, got {size}")
         need = self._round(size)
+        if need > self.capacity - self.used:  # also keeps _find's bin index in range
+            raise OutOfSpace(need)
         start = self._find(need)
         block = self._by_start[start]
         self._remove(start, block)

@@ -1,0 +1,198 @@
+"""The blocking store client, usable from any thread (vLLM workers are not async).
+
+Every call runs the async core on the transfer engine's background loop. Single-object methods
+raise :class:`~store.client.errors.StoreError`; batch methods return one result per key (``None``
+or a size on success, the error otherwise) so one bad key never fails its neighbours.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from store.master import ReplicateConfig
+from transfer.config import MooncakeConfig
+from transfer.engine import Engine, get_engine
+
+from .core import AsyncStoreClient
+from .errors import MasterErrorCode, StoreError
+from .tensors import tensor_from_bytes, tensor_parts
+
+__all__ = ["StoreClient"]
+
+_DEFAULT = ReplicateConfig()
+
+
+class StoreClient:
+    """Blocking facade over :class:`AsyncStoreClient` (see :mod:`store.client.core`).
+
+    ``engine`` defaults to the process-wide engine (:func:`transfer.engine.get_engine`), which
+    the client does not close. Keyword arguments go to :class:`AsyncStoreClient`
+    (``global_segment_size``, ``local_buffer_size``, ``master_address``, ``etcd_endpoints``,
+    ``checksum``, ``heartbeat_interval``...).
+    """
+
+    def __init__(self, config: MooncakeConfig | None = None, *, engine: Engine | None = None,
+                 own_engine: bool = False, timeout: float = 120.0, **kwargs: Any) -> None:
+        if engine is None:
+            engine = Engine(config).start_in() if own_engine else get_engine(config)
+        self.engine = engine
+        self._own_engine = own_engine
+        self.timeout = timeout
+        self.core = AsyncStoreClient(engine, config, **kwargs)
+        try:
+            engine.run(self.core.start(), timeout)
+        except BaseException:
+            if own_engine:
+                engine.close_in()
+            raise
+
+    def _run(self, coro: Any) -> Any:
+        return self.engine.run(coro, self.timeout)
+
+    @property
+    def segment_name(self) -> str:
+        """This client's transfer-engine segment name (what ``preferred_segment`` names)."""
+        return self.engine.name
+
+    def close(self) -> None:
+        """Unmount contributed memory (its objects are lost) and stop; idempotent."""
+        self._run(self.core.close())
+        if self._own_engine:
+            self.engine.close_in()
+
+    def __enter__(self) -> StoreClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- bytes --------------------------------------------------------------------------------
+
+    def put(self, key: str, value: Any, config: ReplicateConfig = _DEFAULT) -> None:
+        """Store a bytes-like ``value`` under ``key`` (copied through the staging buffer)."""
+        _raise(self._run(self.core.put_bytes([key], [[value]], config))[0])
+
+    def put_parts(self, key: str, *parts: Any, config: ReplicateConfig = _DEFAULT) -> None:
+        """Store the concatenation of ``parts`` without joining them first."""
+        _raise(self._run(self.core.put_bytes([key], [list(parts)], config))[0])
+
+    def put_batch(self, keys: Sequence[str], values: Sequence[Any],
+                  config: ReplicateConfig = _DEFAULT) -> list[StoreError | None]:
+        if len(keys) != len(values):
+            raise StoreError(MasterErrorCode.INVALID_PARAMS,
+                             f"{len(keys)} keys but {len(values)} values")
+        return self._run(self.core.put_bytes(list(keys), [[v] for v in values], config))
+
+    def get(self, key: str) -> bytes:
+        """The value of ``key``; :class:`StoreError` (``not_found``...) if it cannot be read."""
+        return _value(self._run(self.core.get_bytes([key]))[0])
+
+    def get_batch(self, keys: Sequence[str]) -> list[bytes | StoreError]:
+        return self._run(self.core.get_bytes(list(keys)))
+
+    # -- zero copy ----------------------------------------------------------------------------
+
+    def register(self, buffer: Any, length: int | None = None) -> int:
+        """Register memory for ``put_from``/``get_into``; returns its address."""
+        return int(self._run(self.engine.register(buffer, length)))
+
+    def unregister(self, address: int) -> None:
+        self._run(self.engine.unregister(address))
+
+    def put_from(self, key: str, address: int, size: int,
+                 config: ReplicateConfig = _DEFAULT) -> None:
+        """Store ``size`` bytes of registered memory at ``address``, written straight from it."""
+        _raise(self._run(self.core.put_pieces([key], [[(address, size)]], config))[0])
+
+    def batch_put_from(self, keys: Sequence[str], addresses: Sequence[int], sizes: Sequence[int],
+                       config: ReplicateConfig = _DEFAULT) -> list[StoreError | None]:
+        _check_lengths(keys, addresses, sizes)
+        return self._run(self.core.put_pieces(
+            list(keys), [[(a, n)] for a, n in zip(addresses, sizes)], config))
+
+    def batch_put_from_multi_buffers(self, keys: Sequence[str],
+                                     addresses: Sequence[Sequence[int]],
+                                     sizes: Sequence[Sequence[int]],
+                                     config: ReplicateConfig = _DEFAULT) -> list[StoreError | None]:
+        """Each object is the concatenation of several registered buffers."""
+        _check_lengths(keys, addresses, sizes)
+        return self._run(self.core.put_pieces(list(keys), _multi(addresses, sizes), config))
+
+    def get_into(self, key: str, address: int, size: int) -> int:
+        """Read ``key`` into registered memory of ``size`` bytes; returns the value's size."""
+        return _value(self._run(self.core.get_pieces([key], [[(address, size)]]))[0])
+
+    def batch_get_into(self, keys: Sequence[str], addresses: Sequence[int],
+                       sizes: Sequence[int]) -> list[int | StoreError]:
+        _check_lengths(keys, addresses, sizes)
+        return self._run(self.core.get_pieces(list(keys),
+                                              [[(a, n)] for a, n in zip(addresses, sizes)]))
+
+    def batch_get_into_multi_buffers(self, keys: Sequence[str],
+                                     addresses: Sequence[Sequence[int]],
+                                     sizes: Sequence[Sequence[int]]) -> list[int | StoreError]:
+        _check_lengths(keys, addresses, sizes)
+        return self._run(self.core.get_pieces(list(keys), _multi(addresses, sizes)))
+
+    # -- tensors ------------------------------------------------------------------------------
+
+    def put_tensor(self, key: str, tensor: Any, config: ReplicateConfig = _DEFAULT) -> None:
+        """Store a torch tensor (dtype and shape travel in a small header)."""
+        _raise(self._run(self.core.put_bytes([key], [tensor_parts(tensor)], config))[0])
+
+    def get_tensor(self, key: str) -> Any:
+        """The tensor stored under ``key`` (a CPU tensor)."""
+        return tensor_from_bytes(self.get(key))
+
+    # -- metadata -----------------------------------------------------------------------------
+
+    def exists(self, key: str, grant_lease: bool = False) -> bool:
+        return bool(self._run(self.core.exists([key], grant_lease))[0])
+
+    def batch_exists(self, keys: Sequence[str], grant_lease: bool = False) -> list[bool]:
+        return list(self._run(self.core.exists(list(keys), grant_lease)))
+
+    def get_size(self, key: str) -> int:
+        """The value's size in bytes (also grants the read lease, like a get)."""
+        found = _value(self._run(self.core.replicas([key]))[0])
+        return self.core.value_size(found[0])
+
+    def remove(self, key: str, force: bool = False) -> None:
+        code = self._run(self.core.remove([key], force))[0]
+        if code:
+            raise StoreError(code, f"cannot remove {key!r}")
+
+    def batch_remove(self, keys: Sequence[str], force: bool = False) -> list[int]:
+        return list(self._run(self.core.remove(list(keys), force)))
+
+    def remove_all(self, force: bool = False) -> int:
+        return int(self._run(self.core.remove_all(force)))
+
+
+def _raise(result: StoreError | None) -> None:
+    if result is not None:
+        raise result
+
+
+def _value(result: Any) -> Any:
+    if isinstance(result, StoreError):
+        raise result
+    return result
+
+
+def _check_lengths(keys: Sequence[Any], *others: Sequence[Any]) -> None:
+    for other in others:
+        if len(other) != len(keys):
+            raise StoreError(MasterErrorCode.INVALID_PARAMS,
+                             f"{len(keys)} keys but {len(other)} buffers/sizes")
+
+
+def _multi(addresses: Sequence[Sequence[int]], sizes: Sequence[Sequence[int]]
+           ) -> list[list[tuple[int, int]]]:
+    out = []
+    for addrs, lens in zip(addresses, sizes):
+        if len(addrs) != len(lens):
+            raise StoreError(MasterErrorCode.INVALID_PARAMS,
+                             f"{len(addrs)} buffers but {len(lens)} sizes")
+        out.append(list(zip(addrs, lens)))
+    return out

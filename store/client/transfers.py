@@ -1,0 +1,87 @@
+"""Moving object bytes between local pieces and replicas: one transfer batch, memmove when local.
+
+Why a separate step: puts and gets both turn "object i goes to/from replica r" into transfer
+requests, and both must know which *objects* failed when some requests fail. Replicas in this
+client's own segment are copied directly (the engine would only loop back to itself). If the
+engine rejects the whole batch up front (an unknown or vanished segment), the batch is split per
+segment so one dead holder fails only the objects it held.
+"""
+from __future__ import annotations
+
+import ctypes
+from collections import defaultdict
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+from store.master import ReplicaDesc
+from transfer.batch import RequestStatus, TransferRequest
+from transfer.errors import TransferError
+from transfer.rpc import RpcError
+from transfer.transports.base import Opcode
+
+if TYPE_CHECKING:
+    from .core import AsyncStoreClient
+
+__all__ = ["Piece", "move"]
+
+Piece = tuple[int, int]
+"""``(address, length)`` of registered local memory."""
+Item = tuple[int, ReplicaDesc, Sequence[Piece]]
+
+
+async def move(client: AsyncStoreClient, op: str, items: Sequence[Item]) -> dict[int, str]:
+    """Write (``op="write"``) or read each item's pieces to/from its replica, in order from the
+    replica's start. Returns ``{object index: why}`` for the objects whose transfer failed."""
+    failed: dict[int, str] = {}
+    requests: list[TransferRequest] = []
+    owners: list[int] = []
+    opcode = Opcode.WRITE if op == "write" else Opcode.READ
+    local = client._local_segments
+    for idx, rep, parts in items:
+        total = sum(n for _, n in parts)
+        if total > rep.size or (op == "write" and total != rep.size):
+            failed[idx] = f"{total} bytes do not match a replica of {rep.size} bytes"
+            continue
+        offset = 0
+        for addr, n in parts:
+            if rep.segment in local:
+                if op == "write":
+                    ctypes.memmove(rep.address + offset, addr, n)
+                else:
+                    ctypes.memmove(addr, rep.address + offset, n)
+            else:
+                requests.append(TransferRequest(opcode, addr, rep.segment, rep.address + offset, n))
+                owners.append(idx)
+            offset += n
+    if requests:
+        await _run(client, requests, owners, failed)
+    return failed
+
+
+async def _run(client: AsyncStoreClient, requests: list[TransferRequest], owners: list[int],
+               failed: dict[int, str]) -> None:
+    engine = client.engine
+    try:
+        batch = await engine.submit(requests)
+    except (TransferError, RpcError, OSError, ValueError) as e:
+        by_segment: dict[str, list[int]] = defaultdict(list)
+        for j, req in enumerate(requests):
+            by_segment[req.segment].append(j)
+        if len(by_segment) == 1:
+            for idx in owners:
+                failed.setdefault(idx, f"transfer rejected: {e}")
+            return
+        for js in by_segment.values():
+            await _run(client, [requests[j] for j in js], [owners[j] for j in js], failed)
+        return
+    try:
+        results = await batch.wait(client.transfer_timeout)
+    except TimeoutError:
+        for idx in owners:
+            failed.setdefault(idx, f"transfer timed out after {client.transfer_timeout}s")
+        return
+    finally:
+        engine.release_batch(batch.id)
+    for idx, res in zip(owners, results):
+        if res.status is not RequestStatus.COMPLETED:
+            failed.setdefault(idx, res.error or "transfer failed")
