@@ -1,0 +1,149 @@
+"""The connector's view of the KV store: one small adapter over the Mooncake-compatible client API.
+
+Why an adapter: two stores speak the same API (``setup``, ``register_buffer``, ``batch_is_exist``,
+``batch_put_from_multi_buffers``, ``batch_get_into_multi_buffers``...) - ours (``store``) and the
+real C++ Mooncake (``mooncake.store``), which is useful side by side in benchmarks. The connector
+picks one with ``store_impl`` and never touches the client directly, so return codes are
+interpreted in exactly one place and a dead store turns into ``StoreError`` / misses, never a crash.
+"""
+from __future__ import annotations
+
+import importlib
+import json
+import logging
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+__all__ = ["STORE_IMPLS", "StoreBackend", "StoreError", "StoreSettings"]
+
+logger = logging.getLogger(__name__)
+
+# store_impl -> module exporting MooncakeDistributedStore and ReplicateConfig.
+STORE_IMPLS: dict[str, str] = {"store": "store", "mooncake": "mooncake.store"}
+_MAX_KEYS_PER_CALL = 4096
+
+
+class StoreError(RuntimeError):
+    """The store could not be set up or answered a call with an error."""
+
+
+@dataclass(frozen=True)
+class StoreSettings:
+    """Client settings in Mooncake's JSON vocabulary (the file ``MOONCAKE_CONFIG_PATH`` names)."""
+
+    master_server_address: str = "127.0.0.1:50051"
+    metadata_server: str = "P2PHANDSHAKE"
+    local_hostname: str = "127.0.0.1"
+    protocol: str = "tcp"
+    device_name: str = ""
+    global_segment_size: int = 0
+    local_buffer_size: int = 64 << 20
+    replica_num: int = 1
+
+    @classmethod
+    def from_sources(cls, inline: Mapping[str, Any] | None = None,
+                     path: str | os.PathLike | None = None) -> "StoreSettings":
+        """Merge, later wins: defaults < JSON file (``path`` or ``$MOONCAKE_CONFIG_PATH``) < inline.
+
+        Mooncake keys this client does not use (``mode``, ``tenant_id``...) are ignored, as in
+        Mooncake's own loader; sizes accept ``"4GB"`` strings via :func:`transfer.config.parse_size`.
+        """
+        from transfer.config import parse_size
+
+        data: dict[str, Any] = {}
+        path = path or os.environ.get("MOONCAKE_CONFIG_PATH")
+        if path:
+            try:
+                loaded = json.loads(Path(path).read_text())
+            except (OSError, ValueError) as exc:
+                raise StoreError(f"cannot read store config {path}: {exc}") from exc
+            if not isinstance(loaded, dict):
+                raise StoreError(f"store config {path} must hold a JSON object")
+            data.update(loaded)
+        data.update(inline or {})
+        if "master_server_addr" in data and "master_server_address" not in data:
+            data["master_server_address"] = data.pop("master_server_addr")
+        known = {f.name for f in fields(cls)}
+        values = {k: v for k, v in data.items() if k in known}
+        for size_key in ("global_segment_size", "local_buffer_size"):
+            if size_key in values:
+                values[size_key] = parse_size(values[size_key])
+        if "replica_num" in values:
+            values["replica_num"] = int(values["replica_num"])
+        return cls(**values)
+
+
+class StoreBackend:
+    """A connected store client plus the buffers registered with it (thread-safe calls)."""
+
+    def __init__(self, impl: str, settings: StoreSettings) -> None:
+        if impl not in STORE_IMPLS:
+            raise StoreError(f"store_impl {impl!r}: allowed {sorted(STORE_IMPLS)}")
+        try:
+            module = importlib.import_module(STORE_IMPLS[impl])
+            store_cls = module.MooncakeDistributedStore
+        except (ImportError, AttributeError) as exc:
+            raise StoreError(
+                f"store_impl {impl!r} needs {STORE_IMPLS[impl]}.MooncakeDistributedStore, "
+                f"which is not importable: {exc}") from exc
+        self.impl = impl
+        self.settings = settings
+        self._client = store_cls()
+        self._replicate = module.ReplicateConfig()
+        self._replicate.replica_num = settings.replica_num
+        rc = self._client.setup(settings.local_hostname, settings.metadata_server,
+                                settings.global_segment_size, settings.local_buffer_size,
+                                settings.protocol, settings.device_name,
+                                settings.master_server_address)
+        if rc != 0:
+            raise StoreError(f"store setup failed (rc={rc}) for master {settings.master_server_address}")
+        self._closed = False
+
+    def register_buffer(self, ptr: int, size: int) -> None:
+        """Register memory the store reads from / writes into directly (zero-copy)."""
+        rc = self._client.register_buffer(ptr, size)
+        if rc != 0:
+            raise StoreError(f"register_buffer({ptr:#x}, {size}) failed: rc={rc}")
+
+    def exists(self, keys: Sequence[str]) -> list[bool]:
+        """Which keys exist; any per-key error counts as absent (a miss is always safe)."""
+        out: list[bool] = []
+        for i in range(0, len(keys), _MAX_KEYS_PER_CALL):
+            chunk = list(keys[i:i + _MAX_KEYS_PER_CALL])
+            res = self._client.batch_is_exist(chunk)
+            if len(res) != len(chunk):
+                raise StoreError(f"batch_is_exist returned {len(res)} results for {len(chunk)} keys")
+            out += [r == 1 for r in res]
+        return out
+
+    def put_multi(self, keys: Sequence[str], ptrs: Sequence[Sequence[int]],
+                  sizes: Sequence[Sequence[int]]) -> list[int]:
+        """Store each key's object from its list of registered segments; per-key return codes."""
+        if not keys:
+            return []
+        res = self._client.batch_put_from_multi_buffers(list(keys), [list(p) for p in ptrs],
+                                                        [list(s) for s in sizes], self._replicate)
+        return list(res)
+
+    def get_multi(self, keys: Sequence[str], ptrs: Sequence[Sequence[int]],
+                  sizes: Sequence[Sequence[int]]) -> list[int]:
+        """Read each key's object into its segments; per key: bytes read (>= 0) or error (< 0)."""
+        if not keys:
+            return []
+        res = self._client.batch_get_into_multi_buffers(list(keys), [list(p) for p in ptrs],
+                                                        [list(s) for s in sizes])
+        return list(res)
+
+    def remove(self, key: str) -> int:
+        return int(self._client.remove(key))
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            try:
+                self._client.close()
+            except Exception:  # noqa: BLE001 - closing a dead store must not raise
+                logger.debug("store close failed", exc_info=True)

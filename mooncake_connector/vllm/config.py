@@ -1,0 +1,64 @@
+"""``kv_connector_extra_config`` of :class:`PyMooncakeConnector`, validated once at start-up.
+
+Why its own module: both connector roles (scheduler and worker) read the same settings, and a
+typo in a key must fail the engine at start-up with a message naming the key, not be silently
+ignored into a misbehaving deployment.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from mooncake_connector.store_backend import STORE_IMPLS, StoreSettings
+
+__all__ = ["ConnectorSettings", "SAVE_POLICIES"]
+
+SAVE_POLICIES = ("auto", "always", "never")
+
+
+@dataclass(frozen=True)
+class ConnectorSettings:
+    """Every extra-config key; see the README table for the meaning of each."""
+
+    store_impl: str = "store"
+    store_config_path: str | None = None
+    store: dict[str, Any] = field(default_factory=dict)
+    load_async: bool = True
+    save_policy: str = "auto"
+    remote_prefill_wait_s: float = 5.0
+    exists_poll_interval_s: float = 0.005
+    model_id: str | None = None
+    tenant: str = ""
+    hash_algo: str = "sha256"
+
+    def __post_init__(self) -> None:
+        if self.store_impl not in STORE_IMPLS:
+            raise ValueError(f"kv_connector_extra_config.store_impl={self.store_impl!r}: "
+                             f"allowed {sorted(STORE_IMPLS)}")
+        if self.save_policy not in SAVE_POLICIES:
+            raise ValueError(f"kv_connector_extra_config.save_policy={self.save_policy!r}: "
+                             f"allowed {SAVE_POLICIES}")
+        if not 0 <= self.remote_prefill_wait_s <= 600:
+            raise ValueError("kv_connector_extra_config.remote_prefill_wait_s must be in [0, 600]")
+        if not isinstance(self.store, dict):
+            raise ValueError("kv_connector_extra_config.store must be an object of store settings")
+
+    @classmethod
+    def from_extra_config(cls, extra: Mapping[str, Any] | None) -> "ConnectorSettings":
+        extra = dict(extra or {})
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(extra) - known)
+        if unknown:
+            raise ValueError(f"unknown kv_connector_extra_config keys {unknown}; known: {sorted(known)}")
+        for key in ("load_async",):
+            if key in extra and not isinstance(extra[key], bool):
+                raise ValueError(f"kv_connector_extra_config.{key} must be true or false")
+        for key in ("remote_prefill_wait_s", "exists_poll_interval_s"):
+            if key in extra:
+                extra[key] = float(extra[key])
+        return cls(**extra)
+
+    def store_settings(self) -> StoreSettings:
+        """Store client settings: ``store_config_path`` / ``MOONCAKE_CONFIG_PATH`` < inline ``store``."""
+        return StoreSettings.from_sources(self.store, self.store_config_path)

@@ -1,0 +1,160 @@
+"""``PyMooncakeConnector``: vLLM v1 KV connector that shares KV blocks through the Mooncake store.
+
+Why a thin class: vLLM builds one instance per role (scheduler process, each worker); each role
+delegates to :class:`SchedulerSide` or :class:`WorkerSide`, so the two halves never share state
+except through the connector metadata, exactly as vLLM runs them.
+"""
+from __future__ import annotations
+
+from vllm.logger import init_logger
+from typing import TYPE_CHECKING, Any
+
+from vllm.distributed.kv_transfer.kv_connector.v1.base import (
+    KVConnectorBase_V1,
+    KVConnectorMetadata,
+    KVConnectorRole,
+    KVConnectorTransferResults,
+)
+
+from mooncake_connector.store_backend import StoreBackend, StoreError
+from mooncake_connector.vllm.config import ConnectorSettings
+from mooncake_connector.vllm.layout import build_namespace
+from mooncake_connector.vllm.metadata import PyMooncakeMetadata
+from mooncake_connector.vllm.scheduler import SchedulerSide
+from mooncake_connector.vllm.stats import PyMooncakeStats
+from mooncake_connector.vllm.worker import WorkerSide
+
+if TYPE_CHECKING:
+    import torch
+    from vllm.config import VllmConfig
+    from vllm.forward_context import ForwardContext
+    from vllm.v1.attention.backend import AttentionMetadata
+    from vllm.v1.core.kv_cache_manager import KVCacheBlocks
+    from vllm.v1.core.sched.output import SchedulerOutput
+    from vllm.v1.kv_cache_interface import KVCacheConfig
+    from vllm.v1.outputs import KVConnectorOutput
+    from vllm.v1.request import Request
+
+__all__ = ["PyMooncakeConnector"]
+
+# Under "vllm." so vLLM's logging configuration (level, format) applies to these records.
+logger = init_logger("vllm." + __name__)
+
+
+class PyMooncakeConnector(KVConnectorBase_V1):
+    """Loads hits from and saves computed blocks to the store; see the README for the config."""
+
+    def __init__(self, vllm_config: "VllmConfig", role: KVConnectorRole,
+                 kv_cache_config: "KVCacheConfig") -> None:
+        super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
+        ktc = self._kv_transfer_config
+        self.settings = ConnectorSettings.from_extra_config(ktc.kv_connector_extra_config)
+        self.block_size = vllm_config.cache_config.block_size
+        policy = getattr(ktc, "kv_load_failure_policy", "fail")
+        if policy == "fail" and role == KVConnectorRole.SCHEDULER:
+            logger.warning("PyMooncakeConnector: kv_load_failure_policy is 'fail', so a lost store "
+                           "block fails the request; set \"recompute\" to recompute it instead")
+        can_load = bool(ktc.is_kv_consumer)
+        can_save = bool(ktc.is_kv_producer) or self.settings.save_policy == "always"
+        self._num_blocks = kv_cache_config.num_blocks
+        self._scheduler: SchedulerSide | None = None
+        self._worker: WorkerSide | None = None
+        if role == KVConnectorRole.SCHEDULER:
+            store: StoreBackend | None
+            try:
+                store = StoreBackend(self.settings.store_impl, self.settings.store_settings())
+            except StoreError as exc:
+                # The engine stays up and recomputes everything; lookups answer "miss".
+                logger.error("PyMooncakeConnector: store unavailable, every lookup misses: %s", exc)
+                store = None
+            namespace = build_namespace(vllm_config, kv_cache_config,
+                                        model_id=self.settings.model_id, tenant=self.settings.tenant,
+                                        hash_algo=self.settings.hash_algo)
+            self._scheduler = SchedulerSide(self.settings, namespace, block_size=self.block_size,
+                                            can_load=can_load, can_save=can_save, store=store)
+        else:
+            store = StoreBackend(self.settings.store_impl, self.settings.store_settings())
+            self._worker = WorkerSide(store, load_async=self.settings.load_async)
+
+    # -- worker side ---------------------------------------------------------------------------
+    def register_kv_caches(self, kv_caches: "dict[str, torch.Tensor]") -> None:
+        assert self._worker is not None
+        self._worker.register_kv_caches(kv_caches, self._num_blocks)
+
+    def start_load_kv(self, forward_context: "ForwardContext", **kwargs: Any) -> None:
+        assert self._worker is not None
+        meta = self._get_connector_metadata()
+        assert isinstance(meta, PyMooncakeMetadata)
+        self._worker.start_load(meta)
+
+    def wait_for_layer_load(self, layer_name: str) -> None:
+        # Synchronous loads complete in start_load_kv; asynchronous ones belong to requests that
+        # are not in this forward pass (they wait in WAITING_FOR_REMOTE_KVS).
+        return
+
+    def save_kv_layer(self, layer_name: str, kv_layer: "torch.Tensor",
+                      attn_metadata: "AttentionMetadata", **kwargs: Any) -> None:
+        # One object per block holds every layer, so the save is submitted once all layers are
+        # written, in wait_for_save (which returns without waiting for it).
+        return
+
+    def wait_for_save(self) -> None:
+        assert self._worker is not None
+        meta = self._get_connector_metadata()
+        assert isinstance(meta, PyMooncakeMetadata)
+        self._worker.submit_saves(meta)
+
+    def handle_preemptions(self, kv_connector_metadata: KVConnectorMetadata) -> None:
+        if self._worker is not None and getattr(kv_connector_metadata, "preempted", False):
+            self._worker.wait_for_inflight_saves()
+
+    def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
+        assert self._worker is not None
+        sent, recv, _ = self._worker.get_finished(finished_req_ids)
+        return sent or None, recv or None
+
+    def get_transfer_results(self, finished_req_ids: set[str]) -> KVConnectorTransferResults:
+        assert self._worker is not None
+        sent, recv, failed = self._worker.get_finished(finished_req_ids)
+        return KVConnectorTransferResults(finished_sending=sent, finished_recving=recv,
+                                          failed_recving=failed)
+
+    def get_block_ids_with_load_errors(self) -> set[int]:
+        return self._worker.take_error_blocks() if self._worker is not None else set()
+
+    def get_kv_connector_stats(self) -> PyMooncakeStats | None:
+        return self._worker.take_stats() if self._worker is not None else None
+
+    @classmethod
+    def build_kv_connector_stats(cls, data: dict[str, Any] | None = None) -> PyMooncakeStats:
+        return PyMooncakeStats(data=dict(data or {}))
+
+    def shutdown(self) -> None:
+        if self._worker is not None:
+            self._worker.shutdown()
+        if self._scheduler is not None and self._scheduler.store is not None:
+            self._scheduler.store.close()
+
+    # -- scheduler side ------------------------------------------------------------------------
+    def get_num_new_matched_tokens(self, request: "Request",
+                                   num_computed_tokens: int) -> tuple[int | None, bool]:
+        assert self._scheduler is not None
+        return self._scheduler.get_num_new_matched_tokens(request, num_computed_tokens)
+
+    def update_state_after_alloc(self, request: "Request", blocks: "KVCacheBlocks",
+                                 num_external_tokens: int) -> None:
+        assert self._scheduler is not None
+        self._scheduler.update_state_after_alloc(request, blocks, num_external_tokens)
+
+    def build_connector_meta(self, scheduler_output: "SchedulerOutput") -> KVConnectorMetadata:
+        assert self._scheduler is not None
+        return self._scheduler.build_connector_meta(scheduler_output)
+
+    def update_connector_output(self, connector_output: "KVConnectorOutput") -> None:
+        assert self._scheduler is not None
+        self._scheduler.update_connector_output(connector_output)
+
+    def request_finished(self, request: "Request",
+                         block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
+        assert self._scheduler is not None
+        return self._scheduler.request_finished(request, block_ids)
