@@ -57,7 +57,10 @@ setup(
             "mooncake-store-node = store.node:main",
             "mooncake-proxy = scheduler.proxy.cli:main",
         ],
-        "vllm.general_plugins": [],
+        "vllm.general_plugins": [
+            # Registers PyMooncakeConnector with vLLM at start-up (no kv_connector_module_path needed).
+            "mooncake_connector = mooncake_connector.vllm.plugin:register",
+        ],
     },
     classifiers=[
         "License :: OSI Approved :: Apache Software License",
