@@ -2,9 +2,13 @@
 
 Two processes: this one initiates, a ``--serve`` child owns the target segment. For each shape
 (64 KiB x 128, 1 MiB x 64, 16 MiB x 8) and each direction it measures our tcp and shm paths and,
-in the same run, the real Mooncake engine over TCP (``mooncake-transfer-engine-non-cuda`` in
-``.venv-mooncake``, when installed), plus two ceilings: ``iperf3`` on loopback and a
-single-thread ``numpy.copyto`` of the same bytes.
+in the same run, the real Mooncake engine over TCP (P2PHANDSHAKE), plus two ceilings: ``iperf3``
+on loopback and a single-thread ``numpy.copyto`` of the same bytes.
+
+Mooncake is run as a subprocess with a Python that can ``import mooncake.engine``: the one given
+by ``--mooncake-python``, else ``.venv-mooncake/bin/python``, else this interpreter. Install it
+with ``pip install mooncake-transfer-engine-non-cuda`` (into either venv) plus its system
+libraries ``apt-get install -y libibverbs1 librdmacm1 libnuma1``.
 
     .venv/bin/python benchmarks/transfer_bench.py            # table
     .venv/bin/python benchmarks/transfer_bench.py --json     # one JSON object
@@ -111,13 +115,27 @@ def bench_ours(mode: str, streams: int, seconds: float, slice_size: int) -> list
     return out
 
 
-def bench_mooncake(seconds: float) -> list[dict[str, Any]]:
-    if not MOONCAKE_PY.exists():
-        return []
-    proc, info = _spawn([str(MOONCAKE_PY), str(DRIVER), "serve", str(SIZE)])
+def find_mooncake_python(explicit: str | None) -> str | None:
+    """The first Python that can import ``mooncake.engine`` (see the module docstring)."""
+    candidates = [explicit] if explicit else [str(MOONCAKE_PY), sys.executable]
+    for python in candidates:
+        if not Path(python).exists():
+            continue
+        probe = subprocess.run([python, "-c", "import mooncake.engine"], capture_output=True,
+                               timeout=60, check=False)
+        if probe.returncode == 0:
+            return python
+    where = explicit or " or ".join(candidates)
+    print(f"mooncake not importable from {where}; skipping it (see --help to install)",
+          file=sys.stderr)
+    return None
+
+
+def bench_mooncake(python: str, seconds: float) -> list[dict[str, Any]]:
+    proc, info = _spawn([python, str(DRIVER), "serve", str(SIZE)])
     try:
         shapes = ",".join(f"{b}x{n}" for b, n in SHAPES)
-        res = subprocess.run([str(MOONCAKE_PY), str(DRIVER), "bench", info["name"],
+        res = subprocess.run([python, str(DRIVER), "bench", info["name"],
                               str(info["addr"]), str(SIZE), shapes, str(seconds)],
                              capture_output=True, text=True, timeout=600, check=False)
         if res.returncode != 0:
@@ -164,13 +182,20 @@ def bench_memcpy(seconds: float) -> dict[int, float]:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0],
+        epilog="The Mooncake column needs the real engine: pip install "
+               "mooncake-transfer-engine-non-cuda (in .venv-mooncake or this venv) and "
+               "apt-get install -y libibverbs1 librdmacm1 libnuma1.")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--seconds", type=float, default=1.0, help="time per measurement")
     p.add_argument("--streams", type=int, default=4, help="transfer.streams_per_peer")
     p.add_argument("--slice-size", type=int, default=1 << 20)
     p.add_argument("--modes", default="tcp,shm", help="our transports to measure")
     p.add_argument("--no-mooncake", action="store_true")
+    p.add_argument("--mooncake-python", metavar="PATH",
+                   help="Python with mooncake-transfer-engine-non-cuda installed (default: "
+                        ".venv-mooncake/bin/python, else this interpreter)")
     p.add_argument("--no-ceilings", action="store_true", help="skip iperf3 and memcpy")
     p.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--mode", default="tcp", help=argparse.SUPPRESS)
@@ -182,7 +207,9 @@ def main() -> None:
     for mode in args.modes.split(","):
         rows += bench_ours(mode, args.streams, args.seconds, args.slice_size)
     if not args.no_mooncake:
-        rows += bench_mooncake(args.seconds)
+        python = find_mooncake_python(args.mooncake_python)
+        if python is not None:
+            rows += bench_mooncake(python, args.seconds)
     memcpy = bench_memcpy(args.seconds) if not args.no_ceilings else {b: 0.0 for b, _ in SHAPES}
     iperf = bench_iperf(args.seconds) if not args.no_ceilings else None
     result = {"rows": rows, "memcpy_gbps": {str(k): v for k, v in memcpy.items()},
@@ -223,7 +250,7 @@ def _table(rows: list[dict[str, Any]], memcpy: dict[int, float], iperf: float | 
             cells = [_get(rows, e, block, op) for e in ("ours-tcp", "ours-shm", "mooncake-tcp")]
             text = " ".join(f"{c:9.2f}" if c is not None else f"{'-':>9}" for c in cells)
             print(f"{block >> 10:>7}KiBx{batch:<4} {op:>5} {text} {memcpy[block]:8.2f}")
-    print(f"iperf3 loopback: {iperf:.2f} GB/s" if iperf else "iperf3: not installed")
+    print(f"iperf3 loopback: {iperf:.2f} GB/s" if iperf else "iperf3: not measured")
     for name, ok in checks.items():
         print(f"  [{'ok' if ok else ('--' if ok is None else 'MISS')}] {name}")
 

@@ -50,12 +50,39 @@ class RequestResult:
 class Batch:
     """A submitted batch; status is readable from any thread, :meth:`wait` from the loop."""
 
+    __slots__ = ("_done", "_lengths", "_results", "id", "requests", "task")
+
     def __init__(self, batch_id: int, requests: Sequence[TransferRequest]) -> None:
         self.id = batch_id
-        self.requests = tuple(requests)
-        self.results = [RequestResult() for _ in requests]
+        self.requests = requests if type(requests) is tuple else tuple(requests)
+        self._results: list[RequestResult] | None = [RequestResult() for _ in requests]
+        #: Set instead of ``_results`` by :meth:`completed`: per-request objects are only
+        #: built if somebody asks for them (the shm fast path finishes most batches in submit).
+        self._lengths: Sequence[int] | None = None
         self._done = asyncio.Event()
         self.task: asyncio.Task[None] | None = None
+
+    @classmethod
+    def completed(cls, batch_id: int, requests: Sequence[TransferRequest],
+                  lengths: Sequence[int]) -> Batch:
+        """A batch whose every request already moved its ``lengths[i]`` bytes."""
+        batch = cls.__new__(cls)
+        batch.id = batch_id
+        batch.requests = requests if type(requests) is tuple else tuple(requests)
+        batch._results = None
+        batch._lengths = lengths
+        batch._done = asyncio.Event()
+        batch._done.set()
+        batch.task = None
+        return batch
+
+    @property
+    def results(self) -> list[RequestResult]:
+        """The live per-request results (mutated by the engine until :attr:`done`)."""
+        if self._results is None:
+            done = RequestStatus.COMPLETED
+            self._results = [RequestResult(done, n) for n in self._lengths or ()]
+        return self._results
 
     @property
     def done(self) -> bool:
@@ -63,20 +90,28 @@ class Batch:
 
     def status(self) -> list[RequestResult]:
         """A copy of every request's status, bytes moved and error."""
-        return [RequestResult(r.status, r.transferred, r.error) for r in self.results]
+        if self._results is None:
+            done = RequestStatus.COMPLETED
+            return [RequestResult(done, n) for n in self._lengths or ()]
+        return [RequestResult(r.status, r.transferred, r.error) for r in self._results]
 
     @property
     def ok(self) -> bool:
-        return all(r.status is RequestStatus.COMPLETED for r in self.results)
+        if self._results is None:
+            return True
+        return all(r.status is RequestStatus.COMPLETED for r in self._results)
 
     async def wait(self, timeout: float | None = None) -> list[RequestResult]:
         """Wait until every request completed or failed; ``TimeoutError`` after ``timeout``."""
-        await asyncio.wait_for(self._done.wait(), timeout)
+        if not self._done.is_set():
+            await asyncio.wait_for(self._done.wait(), timeout)
         return self.status()
 
     def raise_for_status(self) -> None:
         """Raise :class:`TransferFailedError` naming the first failed request, if any."""
-        for i, r in enumerate(self.results):
+        if self._results is None:
+            return
+        for i, r in enumerate(self._results):
             if r.status is RequestStatus.FAILED:
                 raise TransferFailedError(f"request {i} of batch {self.id} failed: {r.error}")
             if r.status is RequestStatus.PENDING:

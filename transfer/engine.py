@@ -32,6 +32,7 @@ from transfer.descriptor import (
     decode_descriptor,
     encode_descriptor,
 )
+from transfer.fastpath import ShmFastPath
 from transfer.errors import (
     AddressError,
     DescriptorError,
@@ -88,6 +89,7 @@ class Engine:
         self._reachable: dict[tuple[str, str], bool] = {}
         self._batch_ids = itertools.count(1)
         self._batches: dict[int, Batch] = {}
+        self._fast: ShmFastPath | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._background: BackgroundLoop | None = None
         self._started = False
@@ -138,7 +140,8 @@ class Engine:
             io_timeout=t.io_timeout, connect_timeout=cfg.rpc.connect_timeout,
             region_io=self._staging.region_io())
         if t.enable_shm:
-            self._transports["shm"] = ShmTransport(self._probe)
+            shm = self._transports["shm"] = ShmTransport(self._probe)
+            self._fast = ShmFastPath(self.registry, shm)
         self._transports["file"] = FileTransport(self._probe)
         if cfg.protocol == "rdma":
             from transfer.transports.rdma import RdmaTransport  # needs pyverbs: import lazily
@@ -191,6 +194,9 @@ class Engine:
             if region.file_fd is not None:
                 with contextlib.suppress(OSError):
                     os.close(region.file_fd)
+        staging = getattr(self, "_staging", None)
+        if staging is not None:
+            staging.close()
         probe = getattr(self, "_probe", None)
         if probe is not None:
             probe.close()
@@ -384,6 +390,10 @@ class Engine:
         if not requests:
             raise ValueError("a batch needs at least one request")
         message = notify.encode() if isinstance(notify, str) else notify
+        if message is None and self._fast is not None:
+            fast = await self._submit_fast(requests)
+            if fast is not None:
+                return fast
         peers: dict[str, PeerSegment] = {}
         plan: list[tuple[Region, PeerSegment, BufferDesc]] = []
         # Requests of a batch nearly always hit the same few buffers: try the previous
@@ -420,13 +430,33 @@ class Engine:
         self._track(batch)
         return batch
 
+    async def _submit_fast(self, requests: Sequence[TransferRequest]) -> Batch | None:
+        """The shm fast path (:mod:`transfer.fastpath`), or None when the batch does not
+        qualify - the general path then validates it and reports any error."""
+        first = requests[0]
+        if type(first) is not TransferRequest or not isinstance(first.segment, str):
+            return None
+        try:
+            peer = await self.open_segment(first.segment)
+        except SegmentNotFoundError:
+            return None
+        if self._fast is None or not self._can_reach(peer, "shm"):
+            return None
+        plan = self._fast.plan(requests, peer)
+        if plan is None:
+            return None
+        batch = self._fast.execute(next(self._batch_ids), requests, plan)
+        self._track(batch)
+        return batch
+
     async def transfer(self, requests: Sequence[TransferRequest], *,
                        notify: bytes | str | None = None,
                        timeout: float | None = None) -> list[RequestResult]:
         """Submit and wait; raises :class:`TransferFailedError` if any request failed."""
         batch = await self.submit(requests, notify=notify)
         try:
-            await batch.wait(timeout)
+            if not batch.done:
+                await batch.wait(timeout)
         finally:
             self.release_batch(batch.id)
         batch.raise_for_status()

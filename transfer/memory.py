@@ -101,6 +101,11 @@ class MemoryRegistry:
         """A snapshot, sorted by address."""
         return list(self._regions)
 
+    def snapshot(self) -> list[Region]:
+        """The current sorted region list itself - never mutated, replaced on every change -
+        so callers may cache things derived from it and compare it by identity."""
+        return self._regions
+
     def add(self, region: Region) -> Region:
         """Register ``region``; raises :class:`RegistrationError` on a bad or overlapping range."""
         _check_range(region.address, region.length, RegistrationError)

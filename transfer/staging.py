@@ -6,11 +6,21 @@ a WRITE (``pread`` / device-to-host copy), drained after a READ (``pwrite`` / ho
 so every transport sees plain host memory. The same helpers serve the tcp server side for
 remote requests that target file or CUDA regions. CUDA copies go through :mod:`transfer.cuda`,
 imported only when a CUDA region is actually touched.
+
+CUDA staging buffers come from a bounded :class:`transfer.cuda.StagingPool` of *pinned* chunks
+(so the device copy is a DMA), created on first CUDA use. Staging never waits for the pool: a
+request larger than a chunk, or one arriving while every chunk is leased (a batch holds its
+chunks until it ends, so waiting could deadlock a big batch), gets pageable memory instead -
+slower, never stuck. File staging always uses pageable memory (``pread`` gains nothing from
+pinning).
 """
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ctypes
+import threading
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from transfer.memory import Region
@@ -19,6 +29,7 @@ from transfer.transports.tcp import read_file, write_file
 
 if TYPE_CHECKING:
     from transfer.batch import Batch, TransferRequest
+    from transfer.cuda import StagingBuffer, StagingPool
 
 __all__ = ["BatchStaging", "Staging", "load_region", "store_region"]
 
@@ -52,32 +63,90 @@ def store_region(region: Region, addr: int, src: memoryview) -> None:
 
 
 class Staging:
-    """Factory of per-batch staging; also hands the tcp server its region I/O functions."""
+    """Per-engine staging: the pinned CUDA pool, per-batch staging, the tcp server's region I/O."""
 
-    def region_io(self) -> tuple[Any, Any]:
-        return load_region, store_region
+    def __init__(self, chunk_size: int = 4 << 20, count: int = 16,
+                 allocator: Callable[[int], Any] | None = None) -> None:
+        self._chunk_size = chunk_size
+        self._count = count
+        self._allocator = allocator
+        self._pool: StagingPool | None = None
+        self._lock = threading.Lock()
+
+    def region_io(self) -> tuple[Any, Any, Any]:
+        """``(load, store, buffer)`` for the tcp server (see :mod:`transfer.transports.tcp`)."""
+        return load_region, store_region, self.host_buffer
 
     def new_batch(self) -> BatchStaging:
-        return BatchStaging()
+        return BatchStaging(self)
+
+    def _pinned_pool(self) -> StagingPool:
+        with self._lock:
+            if self._pool is None:
+                from transfer.cuda import StagingPool
+
+                self._pool = StagingPool(self._chunk_size, self._count, self._allocator)
+            return self._pool
+
+    def try_lease(self, region: Region, length: int) -> StagingBuffer | None:
+        """A pinned chunk for ``length`` bytes of a CUDA region, if one is free right now."""
+        if not region.is_cuda or length > self._chunk_size:
+            return None
+        pool = self._pinned_pool()
+        try:
+            return pool.acquire(timeout=0)
+        except (TimeoutError, RuntimeError):
+            return None
+
+    def give_back(self, chunk: StagingBuffer) -> None:
+        pool = self._pool
+        if pool is not None:
+            with contextlib.suppress(ValueError, RuntimeError):
+                pool.release(chunk)
+
+    @contextlib.contextmanager
+    def host_buffer(self, region: Region, length: int) -> Iterator[memoryview]:
+        """Host memory to stage ``length`` bytes of ``region`` through (pinned when it can)."""
+        chunk = self.try_lease(region, length)
+        if chunk is None:
+            yield memoryview(bytearray(length))
+            return
+        try:
+            yield chunk.view[:length]
+        finally:
+            self.give_back(chunk)
+
+    def close(self) -> None:
+        """Free the pinned chunks (leased ones stay valid until given back)."""
+        with self._lock:
+            pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.close()
 
 
 class BatchStaging:
     """Staging buffers of one batch, released when the batch ends."""
 
-    def __init__(self) -> None:
-        self._buffers: dict[int, tuple[bytearray, Any, Region]] = {}
+    def __init__(self, staging: Staging | None = None) -> None:
+        self._staging = staging
+        self._buffers: dict[int, tuple[memoryview, Any, Region]] = {}
 
     async def prepare(self, index: int, req: TransferRequest, local: Region) -> int:
         """The host address the transports should use for request ``index``."""
         if not (local.is_file or local.is_cuda):
             return req.local_addr
-        buf = bytearray(req.length)
-        pin = (ctypes.c_char * req.length).from_buffer(buf)
-        self._buffers[index] = (buf, pin, local)
+        chunk = self._staging.try_lease(local, req.length) if self._staging else None
+        if chunk is not None:
+            view, address, owner = chunk.view[:req.length], chunk.address, chunk
+        else:
+            buf = bytearray(req.length)
+            pin = (ctypes.c_char * req.length).from_buffer(buf)
+            view, address, owner = memoryview(buf), ctypes.addressof(pin), (buf, pin)
+        self._buffers[index] = (view, owner, local)
         if req.opcode == Opcode.WRITE:
             loop = asyncio.get_running_loop()
-            await loop.run_in_executor(None, load_region, local, req.local_addr, memoryview(buf))
-        return ctypes.addressof(pin)
+            await loop.run_in_executor(None, load_region, local, req.local_addr, view)
+        return address
 
     async def finish(self, batch: Batch) -> None:
         """After the transfer: write READ results back to their file/CUDA destinations."""
@@ -85,18 +154,23 @@ class BatchStaging:
 
         loop = asyncio.get_running_loop()
         try:
-            for index, (buf, _, region) in self._buffers.items():
+            for index, (view, _, region) in self._buffers.items():
                 req = batch.requests[index]
                 result = batch.results[index]
                 if req.opcode != Opcode.READ or result.status is not RequestStatus.COMPLETED:
                     continue
                 try:
-                    await loop.run_in_executor(None, store_region, region, req.local_addr,
-                                               memoryview(buf))
+                    await loop.run_in_executor(None, store_region, region, req.local_addr, view)
                 except (OSError, RuntimeError, ImportError) as e:
                     result.status, result.error = RequestStatus.FAILED, f"staging out: {e}"
         finally:
             self.release()
 
     def release(self) -> None:
-        self._buffers.clear()
+        """Give pinned chunks back to the pool and drop pageable buffers."""
+        buffers, self._buffers = self._buffers, {}
+        if self._staging is None:
+            return
+        for _, owner, _ in buffers.values():
+            if not isinstance(owner, tuple):
+                self._staging.give_back(owner)

@@ -30,6 +30,7 @@ class ShmTransport(Transport):
 
     def __init__(self, probe: HostProbe, *, workers: int = 2) -> None:
         self._probe = probe
+        self.workers = workers
         self._mappings = ShmMappings()
         self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="mooncake-shm")
 
@@ -48,6 +49,22 @@ class ShmTransport(Transport):
             return
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(self._executor, self._copy, peer_buffers, slices)
+
+    def map_range(self, name: str, offset: int, length: int) -> int:
+        """Where ``[offset, offset + length)`` of the peer's shared file ``name`` is mapped here
+        (mapping it on first use); for the engine's shm fast path."""
+        try:
+            return self._mappings.local_address(name, offset, length)
+        except OSError:
+            self._mappings.drop(name)
+            raise
+
+    async def copy_runs(self, parts: Sequence[Sequence[tuple[int, int, int]]]) -> None:
+        """Copy ``(dst, src, length)`` runs already validated by the engine, one worker thread
+        per part, and return when all are done."""
+        loop = asyncio.get_running_loop()
+        await asyncio.gather(*(loop.run_in_executor(self._executor, copy_runs, part)
+                               for part in parts))
 
     def _copy(self, peer_buffers: Sequence[Mapping[str, Any]], slices: Sequence[Slice]) -> None:
         for s in slices:
@@ -71,3 +88,10 @@ class ShmTransport(Transport):
     async def close(self) -> None:
         self._mappings.close()
         self._executor.shutdown(wait=False, cancel_futures=True)
+
+
+def copy_runs(runs: Sequence[tuple[int, int, int]]) -> None:
+    """``memmove`` every ``(dst, src, length)`` run (the GIL is released during each)."""
+    memmove = ctypes.memmove
+    for dst, src, length in runs:
+        memmove(dst, src, length)

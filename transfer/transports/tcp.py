@@ -97,7 +97,7 @@ class _Server:
     """Accepts data connections and serves slices against the engine's registry."""
 
     def __init__(self, registry: MemoryRegistry, bind_host: str, secret: bytes | None,
-                 io_timeout: float, region_io: tuple[RegionIO, RegionIO] | None) -> None:
+                 io_timeout: float, region_io: tuple[Any, ...] | None) -> None:
         self._registry = registry
         self._secret = secret
         self._io_timeout = io_timeout
@@ -197,15 +197,18 @@ class _Server:
 
     def _serve_staged(self, conn: socket.socket, op: int, tag: int, region: Region,
                       addr: int, length: int) -> None:
-        staging = memoryview(bytearray(length))
+        # The engine's region I/O may offer pinned buffers (CUDA) as a third element.
+        buffer = self._region_io[2] if self._region_io and len(self._region_io) > 2 else None
         try:
-            if op == Opcode.WRITE:
-                _recv_exact(conn, staging)
-                self._store(region, addr, staging)
-                conn.sendall(_RESP.pack(_MAGIC, _OK, 0, tag, 0))
-            else:
-                self._load(region, addr, staging)
-                _send(conn, _RESP.pack(_MAGIC, _OK, 0, tag, length), staging)
+            with (buffer(region, length) if buffer is not None
+                  else contextlib.nullcontext(memoryview(bytearray(length)))) as staging:
+                if op == Opcode.WRITE:
+                    _recv_exact(conn, staging)
+                    self._store(region, addr, staging)
+                    conn.sendall(_RESP.pack(_MAGIC, _OK, 0, tag, 0))
+                else:
+                    self._load(region, addr, staging)
+                    _send(conn, _RESP.pack(_MAGIC, _OK, 0, tag, length), staging)
         except (OSError, RuntimeError, ImportError) as e:
             if isinstance(e, (ConnectionError, socket.timeout)):
                 raise

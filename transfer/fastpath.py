@@ -1,0 +1,174 @@
+"""The shm fast path: a whole batch checked with a few numpy operations and copied as merged runs.
+
+Why a separate path: on the same host a 64 KiB x 128 batch copies in ~250 us, while the general
+planner (per-request region lookups, routes, slices, one task per path, per-request status
+objects) costs more than that. When every request of a batch goes to one shm-reachable peer and
+both sides are plain host memory, this path instead
+
+- checks types and lengths of the whole batch with C-level passes (``map``/``set``/``min``),
+- merges requests that continue each other on both sides into runs (KV blocks usually do),
+  range-checks each run once by bisection over the sorted buffers of both sides, and copies
+  it with one ``ctypes.memmove`` (which releases the GIL),
+- copies inline in ``submit`` when the batch is small (a thread hand-off costs more than the
+  copy), else on the shm transport's threads, split evenly over them, in one task,
+- and records completion as one lengths sequence, not one object per request.
+
+Anything unusual - another transport, CUDA or file buffers, a bad address, a peer file that
+cannot be mapped - returns ``None`` and the batch takes the general path, which produces the
+precise per-request error or status. So this path never decides a failure on its own.
+"""
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from itertools import islice
+from operator import add, attrgetter, eq
+from typing import TYPE_CHECKING
+
+from transfer.batch import Batch, RequestStatus, TransferRequest
+from transfer.errors import AddressError
+from transfer.memory import MemoryRegistry
+from transfer.transports.base import Opcode
+from transfer.transports.shm import ShmTransport, copy_runs
+
+if TYPE_CHECKING:
+    from transfer.descriptor import PeerSegment
+
+__all__ = ["CopyPlan", "ShmFastPath"]
+
+_local_addr = attrgetter("local_addr")
+_remote_addr = attrgetter("remote_addr")
+_length = attrgetter("length")
+_opcode = attrgetter("opcode")
+_segment = attrgetter("segment")
+#: Batches up to this size are copied on the loop inside ``submit``: a hand-off to a copy
+#: thread and back costs more than copying this much (~0.3 ms at memcpy speed).
+INLINE_COPY_BYTES = 8 << 20
+
+#: ``(destination, source, length)`` runs, addresses in this process.
+Runs = list[tuple[int, int, int]]
+
+
+class CopyPlan:
+    """A validated batch: its merged copy runs and the per-request lengths for status."""
+
+    __slots__ = ("lengths", "runs", "total")
+
+    def __init__(self, runs: Runs, lengths: list[int], total: int) -> None:
+        self.runs = runs
+        self.lengths = lengths
+        self.total = total
+
+    def parts(self, n: int) -> list[Runs]:
+        """The runs cut into ``n`` pieces of nearly equal bytes (for parallel copy threads)."""
+        if n <= 1 or self.total < n * (1 << 20):
+            return [self.runs]
+        share = -(-self.total // n)
+        parts: list[Runs] = [[]]
+        room = share
+        for dst, src, length in self.runs:
+            off = 0
+            while off < length:
+                if room == 0:
+                    parts.append([])
+                    room = share
+                take = min(room, length - off)
+                parts[-1].append((dst + off, src + off, take))
+                off += take
+                room -= take
+        return parts
+
+
+class ShmFastPath:
+    """Plans batches for the shm fast path; one per engine."""
+
+    def __init__(self, registry: MemoryRegistry, transport: ShmTransport) -> None:
+        self._registry = registry
+        self._transport = transport
+
+    def plan(self, requests: Sequence[TransferRequest], peer: PeerSegment) -> CopyPlan | None:
+        """The copy plan of ``requests`` (all to ``peer``), or None to use the general path."""
+        # Whole-batch checks first, each one C-level pass over the batch.
+        if set(map(type, requests)) != {TransferRequest} \
+                or set(map(_segment, requests)) != {peer.name}:
+            return None
+        ops = list(map(_opcode, requests))
+        la = list(map(_local_addr, requests))
+        ra = list(map(_remote_addr, requests))
+        lengths = list(map(_length, requests))
+        if set(map(type, la)) != {int} or set(map(type, ra)) != {int} \
+                or set(map(type, lengths)) != {int} or min(lengths) <= 0:
+            return None
+        # Merge requests that continue each other on both sides into runs (the common case,
+        # one contiguous run, is recognised with C-level passes)...
+        total = sum(lengths)
+        if len(set(ops)) == 1 and all(map(eq, islice(la, 1, None), map(add, la, lengths))) \
+                and all(map(eq, islice(ra, 1, None), map(add, ra, lengths))):
+            spans = [(ops[0], la[0], ra[0], total)]
+        else:
+            spans = _merge(ops, la, ra, lengths)
+        # ... and range-check each run: a run inside one registered buffer on both sides has
+        # every one of its (positive-length) requests inside it too.
+        runs: Runs = []
+        bases: dict[int, int] = {}
+        find_local, find_remote = self._registry.find, peer.find
+        for op, lo, ro, n in spans:
+            if op is not Opcode.WRITE and op is not Opcode.READ:
+                return None
+            try:
+                local = find_local(lo, n)
+                remote = find_remote(ro, n)
+            except AddressError:
+                return None
+            if not local.direct or remote.shm_name is None \
+                    or not remote.location.startswith("cpu:"):
+                return None
+            base = bases.get(remote.address)
+            if base is None:
+                try:
+                    base = self._transport.map_range(remote.shm_name, remote.shm_offset,
+                                                     remote.length)
+                except (AddressError, OSError, ValueError):
+                    return None  # the general path reports (and retries) mapping failures
+                bases[remote.address] = base
+            mapped = base + (ro - remote.address)
+            runs.append((mapped, lo, n) if op is Opcode.WRITE else (lo, mapped, n))
+        return CopyPlan(runs, lengths, total)
+
+    def execute(self, batch_id: int, requests: Sequence[TransferRequest],
+                plan: CopyPlan) -> Batch:
+        """Start (or, when small, finish) copying ``plan``; returns the batch."""
+        if plan.total <= INLINE_COPY_BYTES:
+            copy_runs(plan.runs)
+            return Batch.completed(batch_id, requests, plan.lengths)
+        batch = Batch(batch_id, requests)
+        batch.task = asyncio.create_task(self._run(batch, plan))
+        return batch
+
+    async def _run(self, batch: Batch, plan: CopyPlan) -> None:
+        try:
+            await self._transport.copy_runs(plan.parts(self._transport.workers))
+            done = RequestStatus.COMPLETED
+            for r, n in zip(batch.results, plan.lengths):
+                r.status, r.transferred = done, n
+        except asyncio.CancelledError:
+            for r in batch.results:
+                r.status, r.error = RequestStatus.FAILED, "cancelled (engine closed)"
+            raise
+        finally:
+            batch._finish()
+
+
+def _merge(ops: list[Opcode], la: list[int], ra: list[int],
+           lengths: list[int]) -> list[tuple[Opcode, int, int, int]]:
+    """``(opcode, local, remote, length)`` runs of requests that continue each other."""
+    spans: list[tuple[Opcode, int, int, int]] = []
+    op0, l0, r0, n0 = ops[0], la[0], ra[0], 0
+    for op, lo, ro, n in zip(ops, la, ra, lengths):
+        if op is op0 and lo == l0 + n0 and ro == r0 + n0:
+            n0 += n
+        else:
+            spans.append((op0, l0, r0, n0))
+            op0, l0, r0, n0 = op, lo, ro, n
+    spans.append((op0, l0, r0, n0))
+    return spans
