@@ -55,6 +55,7 @@ setup(
             "mooncake_http_metadata_server = transfer.metadata.__main__:main",
             "mooncake-master = store.master.__main__:main",
             "mooncake-store-node = store.node:main",
+            "mooncake-p2p = store.p2p.cli:main",
             "mooncake-proxy = scheduler.proxy.cli:main",
         ],
         "vllm.general_plugins": [
