@@ -8,8 +8,10 @@ outlives engine restarts. (An engine may still contribute memory itself - embedd
 those objects vanish with its process.)
 
 The SSD file is a separate segment on a second transfer engine, because a segment is named by its
-engine. Objects are placed there by naming it as a ``preferred_segment`` (how the master moves an
-object to the file tier); gets read from whichever tier holds a replica, memory first.
+engine. Objects get there when the master evicts them from DRAM: with its SSD tier on (the
+default, ``--enable_offload``) it asks this node to copy them to the file first and frees the DRAM
+only after (:mod:`store.client.demote`); a writer may also name the file segment as its
+``preferred_segment``. Gets read from whichever tier holds a replica, memory first.
 Exits 0 on SIGTERM/SIGINT after unmounting (the objects it held disappear from the pool).
 """
 from __future__ import annotations

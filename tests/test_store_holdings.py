@@ -61,3 +61,33 @@ def test_nearest_replica_first_and_cache_expiry():
     cache.put("c", reps, 10_000)
     cache.put("d", reps, 10_000)
     assert cache.get("a") is None and len(cache) == 2
+
+
+def test_announcements_leave_foreign_notifications_for_other_consumers():
+    import time
+
+    from _store_util import master_process, new_client
+    from store.master import ReplicateConfig
+
+    with master_process() as master:
+        holder = new_client(master)
+        writer = new_client(master, global_segment_size=0)
+        try:
+            writer.engine.run(writer.engine.notify(holder.segment_name, b"kv-done:1"))
+            writer.put("ann/k", b"x" * 1000, ReplicateConfig(preferred_segment=holder.segment_name))
+            writer.engine.run(writer.engine.notify(holder.segment_name, b"kv-done:2"))
+            held = holder.core.holdings[holder.segment_name]
+            deadline = time.monotonic() + 5
+            while "ann/k" not in [o.key for o in held.objects()]:
+                assert time.monotonic() < deadline, "announcement not applied"
+                time.sleep(0.05)
+            # The holder's drain took its announcement and left the rest, in order.
+            assert [n.message for n in holder.engine.notifications()] == [b"kv-done:1",
+                                                                          b"kv-done:2"]
+            # A client-only process never takes notifications at all.
+            holder.engine.run(holder.engine.notify(writer.segment_name, b"kv-done:3"))
+            time.sleep(0.5)
+            assert [n.message for n in writer.engine.notifications()] == [b"kv-done:3"]
+        finally:
+            writer.close()
+            holder.close()

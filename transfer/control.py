@@ -149,8 +149,20 @@ class ControlPlane:
 
             asyncio.ensure_future(client.close())
 
-    def take_notifications(self) -> list[Notification]:
-        """Every notification received since the last call, oldest first."""
-        out = list(self._notifications)
-        self._notifications.clear()
+    def take_notifications(self, prefix: bytes | None = None) -> list[Notification]:
+        """Notifications received since the last call, oldest first.
+
+        With ``prefix``, only messages starting with it are taken; the others stay queued, in
+        order, for their own consumers (several components share one engine per process).
+        """
+        if prefix is None:
+            out = list(self._notifications)
+            self._notifications.clear()
+            return out
+        out, rest = [], []
+        for note in self._notifications:
+            (out if note.message.startswith(prefix) else rest).append(note)
+        if out:
+            self._notifications.clear()
+            self._notifications.extend(rest)
         return out

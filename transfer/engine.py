@@ -563,9 +563,9 @@ class Engine:
         await self._control.notify(peer.name, f"{peer.desc.rpc_host}:{peer.desc.rpc_port}",
                                    self.name, data, self.config.rpc.request_timeout)
 
-    def notifications(self) -> list[Notification]:
-        """Notifications received since the last call (thread-safe enough: a deque swap)."""
-        return self._control.take_notifications()
+    def notifications(self, prefix: bytes | None = None) -> list[Notification]:
+        """Notifications received since the last call; with ``prefix``, only those it starts."""
+        return self._control.take_notifications(prefix)
 
     def stats(self) -> dict[str, int]:
         tcp = self._transports.get("tcp")

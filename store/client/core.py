@@ -34,7 +34,8 @@ from transfer.memory import memory_at
 
 from .errors import (BUFFER_NOT_REGISTERED, CHECKSUM_MISMATCH, TRANSFER_FAIL, MasterErrorCode,
                      StoreError, as_store_error)
-from .holdings import NOTIFY_PREFIX, Announcer, Holdings
+from .demote import serve_demotions
+from .holdings import Announcer, Holdings, take_announcements
 from .integrity import TRAILER_SIZE, check_trailer, make_trailer
 from .locations import LocationCache, order_replicas
 from .transfers import Piece, move
@@ -82,6 +83,8 @@ class AsyncStoreClient:
         self._buffers: list[Any] = []
         self._announcer: Announcer | None = None
         self._heartbeat: asyncio.Task[None] | None = None
+        self._offload = False
+        """The master's SSD tier is on (from ping): poll for demotions of our memory."""
         self._started = False
         self._closed = False
 
@@ -146,18 +149,29 @@ class AsyncStoreClient:
         self._buffers.clear()
 
     async def _heartbeat_loop(self) -> None:
-        """Drain write announcements often; ping the master every ``heartbeat_interval``."""
+        """Drain write announcements often; ping the master every ``heartbeat_interval``; while
+        the master's SSD tier is on, copy objects it demotes out of our memory every tick."""
         tick = min(0.2, self.heartbeat_interval)
         loop = asyncio.get_running_loop()
         next_ping = loop.time()
         while True:
             await asyncio.sleep(tick)
             self._drain_announcements()
-            if not self.segments or loop.time() < next_ping:
+            if not self.segments:
+                continue
+            if self._offload:
+                try:
+                    await serve_demotions(self)
+                except asyncio.CancelledError:
+                    raise
+                except Exception as e:
+                    logger.warning("serving demotions failed: %s", e)
+            if loop.time() < next_ping:
                 continue
             next_ping = loop.time() + self.heartbeat_interval
             try:
                 reply = await self.master.ping(self.client_id)
+                self._offload = reply.offload and any(s.tier == "memory" for s in self.segments)
                 if not reply.known:
                     await self._remount()
             except asyncio.CancelledError:
@@ -166,10 +180,13 @@ class AsyncStoreClient:
                 logger.warning("store heartbeat failed: %s", e)
 
     def _drain_announcements(self) -> None:
+        """Apply writers' announcements to our holdings. Only a client that holds a segment
+        takes notifications at all, and it leaves other consumers' ones in the engine's queue."""
         holdings = self.holdings.get(self.engine.name)
-        for note in self.engine.notifications():
-            if holdings is not None and note.message.startswith(NOTIFY_PREFIX):
-                holdings.handle(note.message)
+        if holdings is None:
+            return
+        for message in take_announcements(self.engine):
+            holdings.handle(message)
 
     async def _remount(self) -> None:
         """The master forgot us (restart, failover, or we were declared dead): mount again,
@@ -191,8 +208,12 @@ class AsyncStoreClient:
     @contextlib.asynccontextmanager
     async def scratch(self, size: int) -> Any:
         """A registered scratch range of ``size`` bytes: staging if it fits, else a temporary
-        registered buffer (slower: registering republishes the descriptor)."""
+        registered buffer (slower: registering republishes the descriptor). Size 0 (no
+        checksum trailers) allocates nothing."""
         assert self._staging_alloc is not None
+        if size <= 0:
+            yield self._staging_base
+            return
         offset = -1
         if size <= self._staging_alloc.capacity - self._staging_alloc.used:
             try:

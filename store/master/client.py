@@ -32,6 +32,9 @@ from .messages import (
     BatchPutStartReply,
     BatchPutStartRequest,
     CodesReply,
+    DemoteEndReply,
+    DemoteEndRequest,
+    DemoteTask,
     ExistsReply,
     ExistsRequest,
     GetReplicaListReply,
@@ -56,6 +59,8 @@ from .messages import (
     SegmentDesc,
     StatsReply,
     StatsRequest,
+    TakeDemotionsReply,
+    TakeDemotionsRequest,
     UnmountSegmentReply,
     UnmountSegmentRequest,
 )
@@ -205,6 +210,18 @@ class MasterClient:
 
     async def stats(self) -> StatsReply:
         return await self.call("stats", StatsRequest(), StatsReply)
+
+    # -- SSD tier ------------------------------------------------------------------------------
+
+    async def take_demotions(self, client_id: str) -> list[DemoteTask]:
+        """Demotions of objects whose memory replica this client holds (see .demotion)."""
+        return (await self.call("take_demotions", TakeDemotionsRequest(client_id),
+                                TakeDemotionsReply)).tasks
+
+    async def demote_end(self, client_id: str, done: list[int], failed: list[int]) -> list[int]:
+        """Report copied (``done``) and failed demotions; returns the ids published."""
+        return (await self.call("demote_end", DemoteEndRequest(client_id, done, failed),
+                                DemoteEndReply)).published
 
 
 def _retryable(e: RpcError) -> bool:

@@ -9,13 +9,16 @@ leased objects. A put that finds no room calls :meth:`make_room` for exactly wha
 before giving up with ``NO_AVAILABLE_HANDLE``.
 
 Only memory replicas are evicted: an object that also has a file-tier replica keeps it (and
-stays readable). Before dropping memory replicas the store's ``evict_hook`` is told, which is
-where an SSD tier would copy the object to a file segment first.
+stays readable). With a :class:`~.demotion.Demoter` (the SSD tier) a victim is first offered to
+it: if a file segment has room the object is demoted instead - its memory is freed once the holder
+has copied it (the bytes count as freed for this pass; objects being demoted are skipped). Before
+dropping memory replicas the store's ``evict_hook`` is told.
 """
 from __future__ import annotations
 
 import logging
 
+from .demotion import Demoter
 from .messages import ReplicaDesc
 from .objects import ObjectMeta, ObjectStore
 from .segments import release
@@ -29,7 +32,8 @@ class Evictor:
     """Frees memory-tier space of an :class:`ObjectStore` by approximate LRU."""
 
     def __init__(self, store: ObjectStore, *, high_watermark: float = 0.90, ratio: float = 0.05,
-                 max_scan: int = 200_000) -> None:
+                 max_scan: int = 200_000, offload: bool = False,
+                 offload_timeout: float = 10.0) -> None:
         if not 0.0 < high_watermark <= 1.0:
             raise ValueError(f"high_watermark must be in (0, 1], got {high_watermark}")
         if not 0.0 <= ratio <= 1.0:
@@ -40,12 +44,17 @@ class Evictor:
         self.max_scan = max_scan
         self.evicted_objects = 0
         self.evicted_bytes = 0
+        self.demoter = Demoter(store, self.drop_memory, timeout=offload_timeout, enabled=offload)
         store.make_room = self.make_room
 
     def over_watermark(self) -> bool:
         segs = self.store.segments
         return segs.memory_capacity > 0 and (
-            segs.memory_used > self.high_watermark * segs.memory_capacity)
+            self._memory_used() > self.high_watermark * segs.memory_capacity)
+
+    def _memory_used(self) -> int:
+        """Memory-tier bytes in use, not counting what in-flight demotions are about to free."""
+        return self.store.segments.memory_used - self.demoter.inflight_memory_bytes
 
     def run(self) -> int:
         """One watermark check; evicts if above it. Returns bytes freed."""
@@ -54,7 +63,7 @@ class Evictor:
         segs = self.store.segments
         capacity = segs.memory_capacity
         target = max(int(self.ratio * capacity),
-                     segs.memory_used - int(self.high_watermark * capacity))
+                     self._memory_used() - int(self.high_watermark * capacity))
         return self.make_room(target)
 
     def make_room(self, need: int) -> int:
@@ -66,11 +75,12 @@ class Evictor:
         pinned: list[tuple[str, ObjectMeta]] = []
         victims: list[tuple[str, ObjectMeta]] = []
         scanned = 0
+        demoting = store.demoting
         for key, meta in store.objects.items():  # coldest first
             if freed >= need or scanned >= self.max_scan:
                 break
             scanned += 1
-            if not meta.complete or meta.hard_pin or meta.lease_until > now:
+            if not meta.complete or meta.hard_pin or meta.lease_until > now or key in demoting:
                 continue
             gain = _memory_bytes(meta)
             if not gain:
@@ -85,13 +95,20 @@ class Evictor:
                 break
             victims.append((key, meta))
             freed += _memory_bytes(meta)
+        demoted = 0
+        demoter = self.demoter
         for key, meta in victims:
-            self._evict(key, meta)
+            if demoter.enabled and demoter.start(key, meta, _memory_bytes(meta)):
+                demoted += 1
+            else:
+                self.drop_memory(key, meta)
         if victims:
-            logger.info("evicted %d objects (%d bytes) to free %d bytes", len(victims), freed, need)
+            logger.info("evicting %d objects (%d demoted to the file tier; %d bytes) to free %d "
+                        "bytes", len(victims), demoted, freed, need)
         return freed
 
-    def _evict(self, key: str, meta: ObjectMeta) -> None:
+    def drop_memory(self, key: str, meta: ObjectMeta) -> None:
+        """Evict the old way: drop the memory replicas (the object too if nothing is left)."""
         store = self.store
         memory = [r for r in meta.replicas if r[0].is_memory]
         if store.evict_hook is not None:

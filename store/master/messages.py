@@ -17,6 +17,11 @@ __all__ = [
     "BatchPutStartReply",
     "BatchPutStartRequest",
     "CodesReply",
+    "DemoteEndReply",
+    "DemoteEndRequest",
+    "DemoteTask",
+    "TakeDemotionsReply",
+    "TakeDemotionsRequest",
     "ExistsReply",
     "ExistsRequest",
     "OkReply",
@@ -115,6 +120,8 @@ class PingReply(msgspec.Struct):
     """False: this master does not know the client (declared dead, or a new leader): remount."""
     view_version: int
     """Changes when the master restarts or a new leader takes over."""
+    offload: bool = False
+    """The SSD tier is on: clients holding memory should poll ``take_demotions``."""
 
 
 class ReplicaDesc(msgspec.Struct, array_like=True):
@@ -226,6 +233,36 @@ class BatchPutStartReply(msgspec.Struct):
     items: list[PutStartItem]
 
 
+class DemoteTask(msgspec.Struct, array_like=True):
+    """Copy ``source`` (a memory replica you hold) to ``target`` (a file replica), then report."""
+
+    id: int
+    key: str
+    source: ReplicaDesc
+    target: ReplicaDesc
+
+
+class TakeDemotionsRequest(msgspec.Struct):
+    client_id: str
+
+
+class TakeDemotionsReply(msgspec.Struct):
+    tasks: list[DemoteTask]
+
+
+class DemoteEndRequest(msgspec.Struct):
+    client_id: str
+    done: list[int]
+    """Ids of demotions copied: publish the file replica, free the memory one."""
+    failed: list[int] = []
+    """Ids of demotions that could not be copied: evict those objects the old way."""
+
+
+class DemoteEndReply(msgspec.Struct):
+    published: list[int]
+    """Ids whose file replica is now published (the others were abandoned or unknown)."""
+
+
 class CodesReply(msgspec.Struct):
     """Per-key result codes of a batch call (0 = OK)."""
 
@@ -257,3 +294,4 @@ class StatsReply(msgspec.Struct):
     clients: int
     evicted_objects: int
     view_version: int
+    demoted_objects: int = 0

@@ -57,6 +57,18 @@ class _StoreCollector:
                                   value=self.evictor.evicted_objects)
         yield CounterMetricFamily("mooncake_master_evicted_bytes", "replica bytes evicted",
                                   value=self.evictor.evicted_bytes)
+        demoter = self.evictor.demoter
+        yield CounterMetricFamily("mooncake_master_demoted_objects",
+                                  "objects moved from the memory to the file tier",
+                                  value=demoter.demoted_objects)
+        yield CounterMetricFamily("mooncake_master_demoted_bytes",
+                                  "bytes moved from the memory to the file tier",
+                                  value=demoter.demoted_bytes)
+        yield CounterMetricFamily("mooncake_master_demotions_abandoned",
+                                  "demotions not completed in time (objects evicted instead)",
+                                  value=demoter.abandoned)
+        yield GaugeMetricFamily("mooncake_master_demotions_in_flight",
+                                "demotions handed out or queued and not ended", value=len(demoter))
         yield CounterMetricFamily("mooncake_master_expired_clients",
                                   "clients declared dead after their TTL",
                                   value=self.clients.expired_clients)

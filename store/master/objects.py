@@ -20,11 +20,15 @@ from __future__ import annotations
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING
 
 from .errors import MasterError, MasterErrorCode
 from .messages import MountSegmentReply, RemountObject, ReplicaDesc, ReplicateConfig, SegmentDesc
 from .segments import Segment, SegmentTable, release, validate_segment
 from .allocator import OffsetAllocator
+
+if TYPE_CHECKING:
+    from .demotion import Demotion
 
 __all__ = ["MAX_KEY_BYTES", "MAX_REPLICAS", "ObjectMeta", "ObjectStore", "check_key"]
 
@@ -93,6 +97,10 @@ class ObjectStore:
         self.evict_hook: EvictionHook | None = None
         self.make_room: Callable[[int], int] | None = None
         """Set by the evictor: frees at least the given bytes of memory tier if it can."""
+        self.demoting: dict[str, Demotion] = {}
+        """Objects being copied to the file tier (see :mod:`.demotion`)."""
+        self.demotion_dropped: Callable[[Demotion], None] | None = None
+        """Set by the demoter: an object being demoted was dropped (free its file space)."""
 
     # -- segments -----------------------------------------------------------------------------
 
@@ -322,6 +330,10 @@ class ObjectStore:
             self.pending.pop(key, None)
         release(key, meta.replicas)
         meta.replicas = []
+        if self.demoting:
+            demotion = self.demoting.get(key)
+            if demotion is not None and self.demotion_dropped is not None:
+                self.demotion_dropped(demotion)
 
     def _host_of(self, config: ReplicateConfig, client_id: str) -> str | None:
         for name in _preferred(config):

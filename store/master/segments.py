@@ -71,6 +71,7 @@ class SegmentTable:
     def __init__(self) -> None:
         self.segments: dict[str, Segment] = {}
         self._memory: list[Segment] = []
+        self._files: list[Segment] = []
         self._cursor = 0
         self.memory_capacity = 0
         self.largest_memory_segment = 0
@@ -88,6 +89,10 @@ class SegmentTable:
     def memory_segments(self) -> list[Segment]:
         return list(self._memory)
 
+    @property
+    def has_file_tier(self) -> bool:
+        return bool(self._files)
+
     def add(self, segment: Segment) -> None:
         """Register a mounted segment (the name must be free)."""
         if segment.name in self.segments:
@@ -97,6 +102,8 @@ class SegmentTable:
         if segment.is_memory:
             self._memory.append(segment)
             self._recount()
+        else:
+            self._files.append(segment)
 
     def remove(self, name: str) -> Segment:
         segment = self.segments.pop(name, None)
@@ -105,6 +112,8 @@ class SegmentTable:
         if segment.is_memory:
             self._memory.remove(segment)
             self._recount()
+        else:
+            self._files.remove(segment)
         return segment
 
     def _recount(self) -> None:
@@ -142,6 +151,16 @@ class SegmentTable:
                     if len(chosen) == replica_num:
                         return chosen
         release(key, chosen)
+        return None
+
+    def place_file(self, key: str, size: int, host_id: str) -> tuple[Segment, int] | None:
+        """Allocate ``size`` bytes for ``key`` on a file-tier segment, same host first (so the
+        holder's copy stays on the machine), else the emptiest; ``None`` if none has room."""
+        order = sorted(self._files, key=lambda s: (s.host_id != host_id, s.used / s.size))
+        chosen: list[tuple[Segment, int]] = []
+        for seg in order:
+            if self._try(seg, key, size, chosen):
+                return chosen[0]
         return None
 
     @staticmethod

@@ -43,7 +43,8 @@ class MasterServer:
         self.store = ObjectStore(lease_ttl=m.default_kv_lease_ttl / 1000.0,
                                  soft_pin_ttl=m.default_kv_soft_pin_ttl / 1000.0)
         self.evictor = Evictor(self.store, high_watermark=m.eviction_high_watermark_ratio,
-                               ratio=m.eviction_ratio)
+                               ratio=m.eviction_ratio, offload=m.enable_ssd_offload,
+                               offload_timeout=m.ssd_offload_timeout)
         self.clients = ClientRegistry(self.store, client_ttl=m.client_ttl,
                                       put_timeout=m.put_start_timeout)
         self.metrics = MasterMetrics(self.store, self.clients, self.evictor, lambda: self.role)
@@ -123,13 +124,15 @@ class MasterServer:
 
     async def _sweep_forever(self) -> None:
         m = self.config.master
-        interval = max(0.05, min(1.0, m.client_ttl / 4, m.put_start_timeout / 4))
+        interval = max(0.05, min(1.0, m.client_ttl / 4, m.put_start_timeout / 4,
+                                 m.ssd_offload_timeout / 4))
         while True:
             await asyncio.sleep(interval)
             if not self.service.serving:
                 continue
             try:
                 self.clients.sweep()
+                self.evictor.demoter.expire()
                 self.evictor.run()
             except Exception:
                 logger.exception("master sweep failed")

@@ -25,6 +25,8 @@ from .messages import (
     BatchPutStartReply,
     BatchPutStartRequest,
     CodesReply,
+    DemoteEndReply,
+    DemoteEndRequest,
     ExistsReply,
     ExistsRequest,
     GetReplicaListReply,
@@ -46,6 +48,8 @@ from .messages import (
     ReplicaListItem,
     StatsReply,
     StatsRequest,
+    TakeDemotionsReply,
+    TakeDemotionsRequest,
     UnmountSegmentReply,
     UnmountSegmentRequest,
 )
@@ -101,6 +105,8 @@ class MasterService:
             ("batch_remove", KeysRequest, CodesReply, self.batch_remove),
             ("remove_all", RemoveAllRequest, RemoveAllReply, self.remove_all),
             ("stats", StatsRequest, StatsReply, self.stats),
+            ("take_demotions", TakeDemotionsRequest, TakeDemotionsReply, self.take_demotions),
+            ("demote_end", DemoteEndRequest, DemoteEndReply, self.demote_end),
         ]
         for name, req, resp, handler in methods:
             server.register(name, req, resp, self._wrap(name, handler))
@@ -139,7 +145,21 @@ class MasterService:
     def ping(self, req: PingRequest) -> PingReply:
         if not req.client_id:
             raise MasterError(MasterErrorCode.INVALID_PARAMS, "client_id must not be empty")
-        return PingReply(self.clients.ping(req.client_id), self.view_version)
+        return PingReply(self.clients.ping(req.client_id), self.view_version,
+                         self.evictor.demoter.active)
+
+    # -- SSD tier (see .demotion) ---------------------------------------------------------------
+
+    def take_demotions(self, req: TakeDemotionsRequest) -> TakeDemotionsReply:
+        return TakeDemotionsReply(self.evictor.demoter.take(req.client_id))
+
+    def demote_end(self, req: DemoteEndRequest) -> DemoteEndReply:
+        _check_batch(len(req.done) + len(req.failed))
+        demoter = self.evictor.demoter
+        published = [i for i in req.done if demoter.end(req.client_id, i, True)]
+        for i in req.failed:
+            demoter.end(req.client_id, i, False)
+        return DemoteEndReply(published)
 
     # -- puts ---------------------------------------------------------------------------------
 
@@ -231,7 +251,7 @@ class MasterService:
             objects=len(store.objects), bytes=store.stored_bytes,
             capacity=segs.memory_capacity, used=segs.memory_used, segments=len(segs),
             clients=len(self.clients), evicted_objects=self.evictor.evicted_objects,
-            view_version=self.view_version)
+            view_version=self.view_version, demoted_objects=self.evictor.demoter.demoted_objects)
 
 
 def _each(op: Callable[[str, str], None], client_id: str, keys: list[str]) -> list[int]:

@@ -232,6 +232,16 @@ class MasterConfig(Section):
         parse=partial(to_float, lo=0.0, hi=1.0),
         metavar="RATIO",
     )
+    enable_ssd_offload: bool = setting(
+        True,
+        help="demote objects chosen for eviction to a file (SSD-tier) segment when one with room "
+        "is mounted, instead of dropping them",
+        parse=to_bool,
+        flag=True,
+    )
+    ssd_offload_timeout: float = _timeout(
+        10.0, "a demotion to the file tier not finished this long is abandoned (object evicted)"
+    )
     client_ttl: float = _timeout(
         10.0, "a client silent this long is declared dead and its segments unmounted"
     )
