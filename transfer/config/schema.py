@@ -302,7 +302,8 @@ class TransferConfig(Section):
 
     enable_shm: bool = setting(
         True,
-        help="use shared memory instead of TCP when both ends are on this host",
+        help="same-host shortcuts (shared-memory copies, direct file I/O) instead of TCP when "
+        "both ends are on this host; turn off where separate hosts share /dev/shm (namespaces)",
         parse=to_bool,
         flag=True,
     )
