@@ -12,6 +12,10 @@ import importlib
 import json
 import logging
 import os
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -24,6 +28,10 @@ logger = logging.getLogger(__name__)
 # store_impl -> module exporting MooncakeDistributedStore and ReplicateConfig.
 STORE_IMPLS: dict[str, str] = {"store": "store", "mooncake": "mooncake.store"}
 _MAX_KEYS_PER_CALL = 4096
+# Mooncake codes at or below this are transfer/RPC/metadata failures (TRANSFER_FAIL -800,
+# RPC_FAIL -900, ETCD -1000...): the store is unreachable. Above it (OBJECT_NOT_FOUND -704...)
+# it answered, so the store is up.
+_UNREACHABLE_RC = -800
 
 
 class StoreError(RuntimeError):
@@ -62,10 +70,8 @@ class StoreSettings:
                 raise StoreError(f"cannot read store config {path}: {exc}") from exc
             if not isinstance(loaded, dict):
                 raise StoreError(f"store config {path} must hold a JSON object")
-            data.update(loaded)
-        data.update(inline or {})
-        if "master_server_addr" in data and "master_server_address" not in data:
-            data["master_server_address"] = data.pop("master_server_addr")
+            data.update(_normalise(loaded))
+        data.update(_normalise(inline or {}))
         known = {f.name for f in fields(cls)}
         values = {k: v for k, v in data.items() if k in known}
         for size_key in ("global_segment_size", "local_buffer_size"):
@@ -76,10 +82,27 @@ class StoreSettings:
         return cls(**values)
 
 
-class StoreBackend:
-    """A connected store client plus the buffers registered with it (thread-safe calls)."""
+def _normalise(layer: Mapping[str, Any]) -> dict[str, Any]:
+    """One source's keys with Mooncake's alias ``master_server_addr`` spelled out, so a later
+    source's alias overrides an earlier source's full name."""
+    out = dict(layer)
+    if "master_server_addr" in out:
+        out.setdefault("master_server_address", out["master_server_addr"])
+        del out["master_server_addr"]
+    return out
 
-    def __init__(self, impl: str, settings: StoreSettings) -> None:
+
+class StoreBackend:
+    """A connected store client plus the buffers registered with it (thread-safe calls).
+
+    Why a health gate: a store client rides out a dead master by retrying for many seconds
+    (ours: 15 s), and the scheduler must not stall that long per lookup. So ``exists`` can be
+    bounded by a timeout, and a call that fails or times out marks the store *down* for
+    ``retry_interval_s``: until then lookups answer "miss", loads fail and saves are skipped
+    at once, and vLLM recomputes. The first call after the interval probes the store again.
+    """
+
+    def __init__(self, impl: str, settings: StoreSettings, *, retry_interval_s: float = 5.0) -> None:
         if impl not in STORE_IMPLS:
             raise StoreError(f"store_impl {impl!r}: allowed {sorted(STORE_IMPLS)}")
         try:
@@ -101,6 +124,23 @@ class StoreBackend:
         if rc != 0:
             raise StoreError(f"store setup failed (rc={rc}) for master {settings.master_server_address}")
         self._closed = False
+        self.retry_interval_s = retry_interval_s
+        self._down_until = 0.0
+        self._gate = threading.Lock()
+        self._probe: Future | None = None
+        self._lookup_pool: ThreadPoolExecutor | None = None
+
+    @property
+    def healthy(self) -> bool:
+        """False while a recent failure holds the store down (see the class docstring)."""
+        return time.monotonic() >= self._down_until
+
+    def mark_down(self, reason: str) -> None:
+        with self._gate:
+            if self.healthy:
+                logger.warning("store %s unavailable for %.1fs: %s", self.impl,
+                               self.retry_interval_s, reason)
+            self._down_until = time.monotonic() + self.retry_interval_s
 
     def register_buffer(self, ptr: int, size: int) -> None:
         """Register memory the store reads from / writes into directly (zero-copy)."""
@@ -108,15 +148,45 @@ class StoreBackend:
         if rc != 0:
             raise StoreError(f"register_buffer({ptr:#x}, {size}) failed: rc={rc}")
 
-    def exists(self, keys: Sequence[str]) -> list[bool]:
-        """Which keys exist; any per-key error counts as absent (a miss is always safe)."""
+    def exists(self, keys: Sequence[str], timeout: float | None = None) -> list[bool]:
+        """Which keys exist; an error or a store down counts as absent (a miss is always safe).
+
+        With ``timeout`` the call is bounded: a store that does not answer in time is marked
+        down and the keys count as absent (the late answer is dropped).
+        """
+        if not keys:
+            return []
+        if not self.healthy:
+            return [False] * len(keys)
+        if timeout is None:
+            return self._exists(keys)
+        with self._gate:
+            if self._probe is not None and not self._probe.done():
+                return [False] * len(keys)  # an earlier lookup is still stuck in the client
+            if self._lookup_pool is None:
+                self._lookup_pool = ThreadPoolExecutor(1, thread_name_prefix="store-lookup")
+            self._probe = fut = self._lookup_pool.submit(self._exists, list(keys))
+        try:
+            return fut.result(timeout)
+        except FutureTimeout:
+            self.mark_down(f"batch_is_exist took over {timeout:.2f}s")
+            return [False] * len(keys)
+
+    def _exists(self, keys: Sequence[str]) -> list[bool]:
         out: list[bool] = []
-        for i in range(0, len(keys), _MAX_KEYS_PER_CALL):
-            chunk = list(keys[i:i + _MAX_KEYS_PER_CALL])
-            res = self._client.batch_is_exist(chunk)
-            if len(res) != len(chunk):
-                raise StoreError(f"batch_is_exist returned {len(res)} results for {len(chunk)} keys")
-            out += [r == 1 for r in res]
+        try:
+            for i in range(0, len(keys), _MAX_KEYS_PER_CALL):
+                chunk = list(keys[i:i + _MAX_KEYS_PER_CALL])
+                res = list(self._client.batch_is_exist(chunk))
+                if len(res) != len(chunk):
+                    raise StoreError(f"batch_is_exist returned {len(res)} results "
+                                     f"for {len(chunk)} keys")
+                if res and all(r < 0 for r in res):
+                    raise StoreError(f"batch_is_exist failed (rc={res[0]})")
+                out += [r == 1 for r in res]
+        except Exception as exc:  # noqa: BLE001 - a broken store is a miss, never a crash
+            self.mark_down(str(exc))
+            return [False] * len(keys)
         return out
 
     def put_multi(self, keys: Sequence[str], ptrs: Sequence[Sequence[int]],
@@ -124,18 +194,26 @@ class StoreBackend:
         """Store each key's object from its list of registered segments; per-key return codes."""
         if not keys:
             return []
-        res = self._client.batch_put_from_multi_buffers(list(keys), [list(p) for p in ptrs],
-                                                        [list(s) for s in sizes], self._replicate)
-        return list(res)
+        if not self.healthy:
+            raise StoreError("store is down")
+        res = list(self._client.batch_put_from_multi_buffers(
+            list(keys), [list(p) for p in ptrs], [list(s) for s in sizes], self._replicate))
+        if res and all(r <= _UNREACHABLE_RC for r in res):
+            self.mark_down(f"batch_put_from_multi_buffers failed (rc={res[0]})")
+        return res
 
     def get_multi(self, keys: Sequence[str], ptrs: Sequence[Sequence[int]],
                   sizes: Sequence[Sequence[int]]) -> list[int]:
         """Read each key's object into its segments; per key: bytes read (>= 0) or error (< 0)."""
         if not keys:
             return []
-        res = self._client.batch_get_into_multi_buffers(list(keys), [list(p) for p in ptrs],
-                                                        [list(s) for s in sizes])
-        return list(res)
+        if not self.healthy:
+            raise StoreError("store is down")
+        res = list(self._client.batch_get_into_multi_buffers(
+            list(keys), [list(p) for p in ptrs], [list(s) for s in sizes]))
+        if res and all(r <= _UNREACHABLE_RC for r in res):
+            self.mark_down(f"batch_get_into_multi_buffers failed (rc={res[0]})")
+        return res
 
     def remove(self, key: str) -> int:
         return int(self._client.remove(key))
@@ -143,6 +221,8 @@ class StoreBackend:
     def close(self) -> None:
         if not self._closed:
             self._closed = True
+            if self._lookup_pool is not None:
+                self._lookup_pool.shutdown(wait=False, cancel_futures=True)
             try:
                 self._client.close()
             except Exception:  # noqa: BLE001 - closing a dead store must not raise

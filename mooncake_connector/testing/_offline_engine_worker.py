@@ -1,16 +1,45 @@
-"""Subprocess body of :class:`OfflineEngine`: one ``LLM``, JSON commands in, ``RESULT`` lines out."""
+"""Subprocess body of :class:`OfflineEngine`: one ``LLM``, JSON commands in, ``RESULT`` lines out.
+
+Each result carries ``tokens_by_source``: the change of vLLM's own ``vllm:prompt_tokens_by_source``
+counters over the call (``local_compute``, ``local_cache_hit``, ``external_kv_transfer``). Why:
+``RequestOutput.num_cached_tokens`` of a P/D decode request is, by vLLM's design, the *prefill*
+side's cache hits (``remote_prefill_cached_tokens`` in its ``kv_transfer_params``), so it cannot
+show what the decode engine loaded; these counters can. They need ``disable_log_stats=False``.
+A ``kv_transfer_config`` dict becomes a real ``KVTransferConfig`` object, the offline form users
+write.
+"""
 from __future__ import annotations
 
 import json
 import sys
 import time
+from typing import Any
+
+
+def _tokens_by_source(llm: Any) -> dict[str, float]:
+    try:
+        metrics = llm.get_metrics()
+    except Exception:  # noqa: BLE001 - stats disabled: report nothing rather than fail
+        return {}
+    out: dict[str, float] = {}
+    for m in metrics:
+        if m.name == "vllm:prompt_tokens_by_source":
+            src = m.labels.get("source", "")
+            out[src] = out.get(src, 0) + float(m.value)
+    return out
 
 
 def main() -> None:
     spec = json.loads(sys.stdin.readline())
     from vllm import LLM, SamplingParams
 
-    llm = LLM(model=spec["model"], **spec["engine_args"])
+    args = dict(spec["engine_args"])
+    if isinstance(args.get("kv_transfer_config"), dict):
+        # The documented offline form: LLM(..., kv_transfer_config=KVTransferConfig(...)).
+        from vllm.config import KVTransferConfig
+
+        args["kv_transfer_config"] = KVTransferConfig(**args["kv_transfer_config"])
+    llm = LLM(model=spec["model"], **args)
     print("RESULT " + json.dumps({"ready": True}), flush=True)
     for line in sys.stdin:
         cmd = json.loads(line)
@@ -18,6 +47,7 @@ def main() -> None:
         params = [SamplingParams(temperature=0.0, max_tokens=cmd["max_tokens"], ignore_eos=True,
                                  extra_args={"kv_transfer_params": p} if p else None) for p in kvp]
         prompts = [p if isinstance(p, str) else {"prompt_token_ids": p} for p in cmd["prompts"]]
+        before = _tokens_by_source(llm)
         start = time.perf_counter()
         try:
             outs = llm.generate(prompts, params, use_tqdm=False)
@@ -25,11 +55,14 @@ def main() -> None:
             print("ERROR " + repr(exc).replace("\n", " "), flush=True)
             continue
         elapsed = time.perf_counter() - start
+        after = _tokens_by_source(llm)
+        delta = {k: int(after[k] - before.get(k, 0)) for k in after}
         print("RESULT " + json.dumps([{
             "token_ids": list(o.outputs[0].token_ids),
             "num_cached_tokens": o.num_cached_tokens,
             "kv_transfer_params": o.kv_transfer_params,
             "ttft_s": elapsed,
+            "tokens_by_source": delta,
         } for o in outs]), flush=True)
 
 

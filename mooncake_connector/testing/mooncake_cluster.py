@@ -79,6 +79,7 @@ class MooncakeCluster:
     def start(self, timeout: float = 30.0) -> "MooncakeCluster":
         if self.workdir is None:
             self.workdir = Path(tempfile.mkdtemp(prefix="mooncake-cluster-"))
+        self.workdir.mkdir(parents=True, exist_ok=True)
         self.master_port = self.master_port or free_port()
         self.metadata_port = self.metadata_port or free_port()
         self.config_path.write_text(json.dumps(self.client_config()))

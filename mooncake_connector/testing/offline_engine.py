@@ -31,7 +31,10 @@ class OfflineEngine:
     """``with OfflineEngine(model, engine_args) as e: e.generate([...])`` -> list of result dicts.
 
     Each result: ``token_ids``, ``num_cached_tokens``, ``kv_transfer_params``, ``ttft_s`` (the
-    wall time of the ``generate`` call, which with one output token is the time to first token).
+    wall time of the ``generate`` call, which with one output token is the time to first token),
+    ``tokens_by_source`` (the change of vLLM's ``vllm:prompt_tokens_by_source`` counters over the
+    whole call - ``local_compute``, ``local_cache_hit``, ``external_kv_transfer`` - when the
+    engine runs with ``disable_log_stats=False``; see ``_offline_engine_worker``).
     """
 
     model: str | os.PathLike

@@ -28,6 +28,8 @@ class ConnectorSettings:
     save_policy: str = "auto"
     remote_prefill_wait_s: float = 5.0
     exists_poll_interval_s: float = 0.005
+    lookup_timeout_s: float = 1.0
+    store_retry_interval_s: float = 5.0
     model_id: str | None = None
     tenant: str = ""
     hash_algo: str = "sha256"
@@ -41,6 +43,12 @@ class ConnectorSettings:
                              f"allowed {SAVE_POLICIES}")
         if not 0 <= self.remote_prefill_wait_s <= 600:
             raise ValueError("kv_connector_extra_config.remote_prefill_wait_s must be in [0, 600]")
+        for name in ("exists_poll_interval_s", "lookup_timeout_s", "store_retry_interval_s"):
+            if not 0 < getattr(self, name) <= 600:
+                raise ValueError(f"kv_connector_extra_config.{name} must be in (0, 600]")
+        if self.hash_algo not in ("sha256", "blake3"):
+            raise ValueError(f"kv_connector_extra_config.hash_algo={self.hash_algo!r}: "
+                             "allowed ('sha256', 'blake3')")
         if not isinstance(self.store, dict):
             raise ValueError("kv_connector_extra_config.store must be an object of store settings")
 
@@ -54,9 +62,18 @@ class ConnectorSettings:
         for key in ("load_async",):
             if key in extra and not isinstance(extra[key], bool):
                 raise ValueError(f"kv_connector_extra_config.{key} must be true or false")
-        for key in ("remote_prefill_wait_s", "exists_poll_interval_s"):
+        for key in ("remote_prefill_wait_s", "exists_poll_interval_s", "lookup_timeout_s",
+                    "store_retry_interval_s"):
             if key in extra:
-                extra[key] = float(extra[key])
+                value = extra[key]
+                if isinstance(value, bool) or not isinstance(value, (int, float)):
+                    raise ValueError(f"kv_connector_extra_config.{key} must be a number of seconds")
+                extra[key] = float(value)
+        for key in ("store_config_path", "model_id"):
+            if key in extra and extra[key] is not None and not isinstance(extra[key], str):
+                raise ValueError(f"kv_connector_extra_config.{key} must be a string")
+        if "tenant" in extra and not isinstance(extra["tenant"], str):
+            raise ValueError("kv_connector_extra_config.tenant must be a string")
         return cls(**extra)
 
     def store_settings(self) -> StoreSettings:

@@ -62,7 +62,8 @@ class PyMooncakeConnector(KVConnectorBase_V1):
         if role == KVConnectorRole.SCHEDULER:
             store: StoreBackend | None
             try:
-                store = StoreBackend(self.settings.store_impl, self.settings.store_settings())
+                store = StoreBackend(self.settings.store_impl, self.settings.store_settings(),
+                                     retry_interval_s=self.settings.store_retry_interval_s)
             except StoreError as exc:
                 # The engine stays up and recomputes everything; lookups answer "miss".
                 logger.error("PyMooncakeConnector: store unavailable, every lookup misses: %s", exc)
@@ -73,7 +74,8 @@ class PyMooncakeConnector(KVConnectorBase_V1):
             self._scheduler = SchedulerSide(self.settings, namespace, block_size=self.block_size,
                                             can_load=can_load, can_save=can_save, store=store)
         else:
-            store = StoreBackend(self.settings.store_impl, self.settings.store_settings())
+            store = StoreBackend(self.settings.store_impl, self.settings.store_settings(),
+                                     retry_interval_s=self.settings.store_retry_interval_s)
             self._worker = WorkerSide(store, load_async=self.settings.load_async)
 
     # -- worker side ---------------------------------------------------------------------------

@@ -92,7 +92,7 @@ class SchedulerSide:
         if not keys or self.store is None:
             return 0
         try:
-            present = self.store.exists(keys)
+            present = self.store.exists(keys, timeout=self.settings.lookup_timeout_s)
         except (StoreError, RuntimeError) as exc:
             logger.warning("store lookup failed, treating as a miss: %s", exc)
             return 0
