@@ -90,7 +90,8 @@ async def test_slice_retried_on_another_path_after_connection_killed() -> None:
         src = pattern(4 << 20, 3)
         dst = np.zeros_like(src)
         sa, db = await a.register(src), await b.register(dst)
-        await a.transfer([TransferRequest(Opcode.WRITE, sa, b.name, db, 4096)])  # connect
+        # Connect stream 0 only: a batch with a notification never takes the small path.
+        await a.transfer([TransferRequest(Opcode.WRITE, sa, b.name, db, 4096)], notify="c")
         tcp = a._transports["tcp"]
         port = (await a.open_segment(b.name)).desc.transports["tcp"]["port"]
         streams = tcp.streams("127.0.0.1", port)

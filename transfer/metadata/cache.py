@@ -63,6 +63,14 @@ class DescriptorCache(Generic[T]):
         self._entries.move_to_end(name)
         return value
 
+    def lookup(self, name: str) -> T | None:
+        """Like :meth:`peek` but mutates nothing, so any thread may call it (the blocking
+        small-transfer path validates on the caller's thread, off the loop)."""
+        item = self._entries.get(name)
+        if item is None or item[0] <= self._clock():
+            return None
+        return item[1]
+
     async def get(self, name: str, *, refresh: bool = False) -> T | None:
         """The value for ``name``: from the cache, else loaded (once, however many ask).
 
