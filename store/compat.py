@@ -151,6 +151,8 @@ class MooncakeDistributedStore:
                 "protocol": str(cfg.get("protocol") or "tcp"),
                 "device_name": str(cfg.get("rdma_devices") or ""),
             }
+            if cfg.get("retry_timeout") is not None:  # ours: how long master calls retry
+                overrides["rpc.retry_timeout"] = float(cfg["retry_timeout"])
             master = str(cfg.get("master_server_addr") or "127.0.0.1:50051")
             etcd = None
             if master.startswith("etcd://"):

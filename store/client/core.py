@@ -53,7 +53,8 @@ class AsyncStoreClient:
                  global_segment_size: int | None = None, local_buffer_size: int | None = None,
                  master_address: str | None = None, etcd_endpoints: Sequence[str] | None = None,
                  checksum: bool = False, heartbeat_interval: float | None = None,
-                 location_cache_size: int = 65536, transfer_timeout: float = 60.0) -> None:
+                 location_cache_size: int = 65536, transfer_timeout: float = 60.0,
+                 retry_timeout: float | None = None) -> None:
         cfg = config if config is not None else engine.config
         self.engine = engine
         self.config = cfg
@@ -67,6 +68,8 @@ class AsyncStoreClient:
                                    (master_address or cfg.master_server_address),
                                    etcd_endpoints=etcd_endpoints or None, secret=cfg.auth_secret,
                                    timeout=cfg.rpc.request_timeout,
+                                   retry_timeout=(cfg.rpc.retry_timeout if retry_timeout is None
+                                                  else retry_timeout),
                                    connect_timeout=cfg.rpc.connect_timeout)
         self.client_id = uuid.uuid4().hex
         self.checksum = checksum

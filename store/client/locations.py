@@ -10,6 +10,7 @@ wrong bytes.
 """
 from __future__ import annotations
 
+import threading
 import time
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -42,6 +43,8 @@ class LocationCache:
     def __init__(self, max_entries: int = 65536) -> None:
         self.max_entries = max_entries
         self._entries: OrderedDict[str, tuple[list[ReplicaDesc], float]] = OrderedDict()
+        # The loop and caller threads (store.client.direct) share the cache.
+        self._lock = threading.Lock()
         self.hits = 0
         self.misses = 0
 
@@ -51,7 +54,8 @@ class LocationCache:
             self.misses += 1
             return None
         if entry[1] <= time.monotonic():
-            del self._entries[key]
+            with self._lock:
+                self._entries.pop(key, None)
             self.misses += 1
             return None
         self.hits += 1
@@ -60,16 +64,19 @@ class LocationCache:
     def put(self, key: str, replicas: list[ReplicaDesc], lease_ttl_ms: int) -> None:
         if lease_ttl_ms <= 0 or self.max_entries <= 0:
             return
-        self._entries[key] = (replicas, time.monotonic() + lease_ttl_ms * _MARGIN / 1000.0)
-        self._entries.move_to_end(key)
-        while len(self._entries) > self.max_entries:
-            self._entries.popitem(last=False)
+        with self._lock:
+            self._entries[key] = (replicas, time.monotonic() + lease_ttl_ms * _MARGIN / 1000.0)
+            self._entries.move_to_end(key)
+            while len(self._entries) > self.max_entries:
+                self._entries.popitem(last=False)
 
     def invalidate(self, key: str) -> None:
-        self._entries.pop(key, None)
+        with self._lock:
+            self._entries.pop(key, None)
 
     def clear(self) -> None:
-        self._entries.clear()
+        with self._lock:
+            self._entries.clear()
 
     def __len__(self) -> int:
         return len(self._entries)

@@ -21,6 +21,7 @@ from transfer.config import MooncakeConfig
 from transfer.engine import Engine, get_engine
 
 from .core import AsyncStoreClient
+from .direct import FALLBACK, CallerThreadPath
 from .errors import MasterErrorCode, StoreError
 from .tensors import tensor_from_bytes, tensor_parts
 
@@ -72,10 +73,15 @@ class StoreClient:
     the client does not close. Keyword arguments go to :class:`AsyncStoreClient`
     (``global_segment_size``, ``local_buffer_size``, ``master_address``, ``etcd_endpoints``,
     ``checksum``, ``heartbeat_interval``...).
+
+    Single-object ``get``/``get_into``/``put``/``put_from`` run on the calling thread
+    (:mod:`.direct`) when they can, skipping the loop hop; ``caller_thread=False`` sends every
+    call through the loop.
     """
 
     def __init__(self, config: MooncakeConfig | None = None, *, engine: Engine | None = None,
-                 own_engine: bool = False, timeout: float = 120.0, **kwargs: Any) -> None:
+                 own_engine: bool = False, timeout: float = 120.0, caller_thread: bool = True,
+                 **kwargs: Any) -> None:
         if engine is None:
             engine = Engine(config).start_in() if own_engine else get_engine(config)
         self.engine = engine
@@ -85,6 +91,9 @@ class StoreClient:
         try:
             self._hop = _Hop(*engine.run(_loop_and_thread(), timeout))
             engine.run(self.core.start(), timeout)
+            self.direct: CallerThreadPath | None = (
+                CallerThreadPath(self.core, self._hop.loop, self._hop.thread_id, timeout)
+                if caller_thread else None)
         except BaseException:
             if own_engine:
                 engine.close_in()
@@ -100,6 +109,9 @@ class StoreClient:
 
     def close(self) -> None:
         """Unmount contributed memory (its objects are lost) and stop; idempotent."""
+        direct, self.direct = self.direct, None
+        if direct is not None:
+            direct.close()
         self._run(self.core.close())
         if self._own_engine:
             self.engine.close_in()
@@ -114,6 +126,8 @@ class StoreClient:
 
     def put(self, key: str, value: Any, config: ReplicateConfig = _DEFAULT) -> None:
         """Store a bytes-like ``value`` under ``key`` (copied through the staging buffer)."""
+        if self.direct is not None and self.direct.put(key, value, config) is not FALLBACK:
+            return
         _raise(self._run(self.core.put_bytes([key], [[value]], config))[0])
 
     def put_parts(self, key: str, *parts: Any, config: ReplicateConfig = _DEFAULT) -> None:
@@ -125,13 +139,25 @@ class StoreClient:
         if len(keys) != len(values):
             raise StoreError(MasterErrorCode.INVALID_PARAMS,
                              f"{len(keys)} keys but {len(values)} values")
+        if len(keys) == 1 and self.direct is not None:  # compat's single-key puts land here
+            got = _one(self.direct.put, keys[0], values[0], config)
+            if got is not FALLBACK:
+                return [got]
         return self._run(self.core.put_bytes(list(keys), [[v] for v in values], config))
 
     def get(self, key: str) -> bytes:
         """The value of ``key``; :class:`StoreError` (``not_found``...) if it cannot be read."""
+        if self.direct is not None:
+            got = self.direct.get(key)
+            if got is not FALLBACK:
+                return got  # type: ignore[no-any-return]
         return _value(self._run(self.core.get_bytes([key]))[0])
 
     def get_batch(self, keys: Sequence[str]) -> list[bytes | StoreError]:
+        if len(keys) == 1 and self.direct is not None:
+            got = _one(self.direct.get, keys[0])
+            if got is not FALLBACK:
+                return [got]
         return self._run(self.core.get_bytes(list(keys)))
 
     # -- zero copy ----------------------------------------------------------------------------
@@ -146,11 +172,18 @@ class StoreClient:
     def put_from(self, key: str, address: int, size: int,
                  config: ReplicateConfig = _DEFAULT) -> None:
         """Store ``size`` bytes of registered memory at ``address``, written straight from it."""
+        if (self.direct is not None
+                and self.direct.put_from(key, address, size, config) is not FALLBACK):
+            return
         _raise(self._run(self.core.put_pieces([key], [[(address, size)]], config))[0])
 
     def batch_put_from(self, keys: Sequence[str], addresses: Sequence[int], sizes: Sequence[int],
                        config: ReplicateConfig = _DEFAULT) -> list[StoreError | None]:
         _check_lengths(keys, addresses, sizes)
+        if len(keys) == 1 and self.direct is not None:  # compat's put_from lands here
+            got = _one(self.direct.put_from, keys[0], addresses[0], sizes[0], config)
+            if got is not FALLBACK:
+                return [got]
         return self._run(self.core.put_pieces(
             list(keys), [[(a, n)] for a, n in zip(addresses, sizes)], config))
 
@@ -164,11 +197,19 @@ class StoreClient:
 
     def get_into(self, key: str, address: int, size: int) -> int:
         """Read ``key`` into registered memory of ``size`` bytes; returns the value's size."""
+        if self.direct is not None:
+            got = self.direct.get_into(key, address, size)
+            if got is not FALLBACK:
+                return int(got)
         return _value(self._run(self.core.get_pieces([key], [[(address, size)]]))[0])
 
     def batch_get_into(self, keys: Sequence[str], addresses: Sequence[int],
                        sizes: Sequence[int]) -> list[int | StoreError]:
         _check_lengths(keys, addresses, sizes)
+        if len(keys) == 1 and self.direct is not None:  # compat's get_into lands here
+            got = _one(self.direct.get_into, keys[0], addresses[0], sizes[0])
+            if got is not FALLBACK:
+                return [got]
         return self._run(self.core.get_pieces(list(keys),
                                               [[(a, n)] for a, n in zip(addresses, sizes)]))
 
@@ -211,6 +252,14 @@ class StoreClient:
 
     def remove_all(self, force: bool = False) -> int:
         return int(self._run(self.core.remove_all(force)))
+
+
+def _one(op: Any, *args: Any) -> Any:
+    """A caller-thread op's result as a batch entry: the value, the error, or FALLBACK."""
+    try:
+        return op(*args)
+    except StoreError as e:
+        return e
 
 
 def _raise(result: StoreError | None) -> None:

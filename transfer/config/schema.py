@@ -182,6 +182,11 @@ class RpcConfig(Section):
     )
     connect_timeout: float = _timeout(5.0, "how long to wait for a TCP connect + handshake")
     request_timeout: float = _timeout(30.0, "how long to wait for an RPC reply")
+    retry_timeout: float = _timeout(
+        15.0,
+        "how long a client keeps retrying a call across reconnects and leader failovers "
+        "before giving up (short for latency-bound callers such as inference engines)",
+    )
 
 
 @dataclass(frozen=True)

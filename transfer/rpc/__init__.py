@@ -68,6 +68,7 @@ Errors
 """
 from __future__ import annotations
 
+from .blocking import BlockingRpcClient
 from .client import RpcClient
 from .errors import (
     APPLICATION_CODE_BASE,
@@ -87,6 +88,7 @@ __all__ = [
     "DEFAULT_MAX_FRAME_SIZE",
     "PROTOCOL_VERSION",
     "BackgroundLoop",
+    "BlockingRpcClient",
     "ErrorCode",
     "RpcAuthError",
     "RpcClient",

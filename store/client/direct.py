@@ -1,0 +1,326 @@
+"""The caller-thread path of the blocking client: small single-object ops with no loop hop.
+
+Why: a 4 KiB get through the event loop costs two thread switches (caller -> loop -> caller)
+plus the loop's own scheduling, about as much as the master and holder round trips themselves.
+Here a single-key ``get``/``get_into``/``put``/``put_from`` runs wholly on the calling thread:
+master calls over a :class:`~transfer.rpc.BlockingRpcClient` (one connection per thread), bytes
+through :meth:`Engine.transfer_blocking` (the small TCP path on this thread).
+
+It never decides a hard case. Anything unusual - a bad key or buffer, a replica in this client's
+own segment, a read that fails or does not verify, a lost master connection before anything was
+reserved - returns :data:`FALLBACK` and the caller takes the loop path, which retries replica by
+replica and reports the precise error. Master calls that lose their connection *after* a put was
+reserved are finished through the loop's :class:`~store.master.MasterClient` (reconnect, leader
+lookup and retry within ``retry_timeout``). Bookkeeping owned by the loop (holdings, write
+announcements, the staging allocator) is never touched here: announcements are handed to the
+loop with ``call_soon_threadsafe``, and scratch memory is a per-thread registered buffer.
+"""
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import threading
+from typing import Any, Final, TypeVar
+
+import msgspec
+
+from store.master import ReplicaDesc, ReplicateConfig
+from store.master.messages import (BatchGetReplicaListReply, BatchPutStartReply,
+                                   BatchPutStartRequest, CodesReply, KeysRequest,
+                                   OwnedKeysRequest)
+from transfer.batch import TransferRequest
+from transfer.config import split_address
+from transfer.errors import AddressError
+from transfer.memory import memory_at
+from transfer.rpc import BlockingRpcClient, RpcConnectionError, RpcError
+from transfer.smallpath import SMALL_BATCH_BYTES
+from transfer.transports.base import Opcode
+
+from .core import AsyncStoreClient, _check_key
+from .errors import TRANSFER_FAIL, MasterErrorCode, StoreError, as_store_error
+from .integrity import TRAILER_SIZE, check_trailer, make_trailer
+from .locations import order_replicas
+
+__all__ = ["FALLBACK", "CallerThreadPath"]
+
+R = TypeVar("R")
+FALLBACK: Final = object()
+"""Returned when the operation must take the loop path instead (nothing was changed)."""
+_NOT_LEADER = int(MasterErrorCode.UNAVAILABLE_IN_CURRENT_STATUS)
+_SCRATCH = SMALL_BATCH_BYTES + 64
+_MAX_SCRATCH_THREADS = 16
+
+
+class _Unreachable(Exception):
+    """The blocking master call could not be made; nothing is known to have happened."""
+
+
+class CallerThreadPath:
+    """Single-object store ops on the calling thread; see the module docstring."""
+
+    def __init__(self, core: AsyncStoreClient, loop: asyncio.AbstractEventLoop,
+                 loop_thread: int, timeout: float) -> None:
+        self.core = core
+        self.engine = core.engine
+        self.loop = loop
+        self.loop_thread = loop_thread
+        self.timeout = timeout
+        self.hits = 0
+        """Operations completed here (not handed to the loop path); for tests and stats."""
+        self._rpc: BlockingRpcClient | None = None
+        self._local = threading.local()
+        self._lock = threading.Lock()
+        self._scratch: list[Any] = []
+
+    # -- plumbing -----------------------------------------------------------------------------
+
+    def usable(self) -> bool:
+        core = self.core
+        return (core._started and not core._closed and core.master.address is not None
+                and threading.get_ident() != self.loop_thread)
+
+    def _client(self) -> BlockingRpcClient:
+        address = self.core.master.address
+        rpc = self._rpc
+        if rpc is None or rpc.address != address:
+            with self._lock:
+                rpc = self._rpc
+                if rpc is None or rpc.address != address:
+                    assert address is not None
+                    host, port = split_address(address)
+                    cfg = self.core.config
+                    if rpc is not None:
+                        rpc.close()
+                    rpc = self._rpc = BlockingRpcClient(
+                        host, port, secret=cfg.auth_secret, max_frame_size=cfg.rpc.max_frame_size,
+                        connect_timeout=cfg.rpc.connect_timeout)
+        return rpc
+
+    def _master(self, method: str, request: msgspec.Struct, reply: type[R], *,
+                must_finish: bool) -> R:
+        """One master call on this thread. If the connection is lost or the master is not the
+        leader: ``must_finish`` retries through the loop's MasterClient, else raises
+        :class:`_Unreachable` (the caller falls back)."""
+        try:
+            return self._client().call(method, request, reply, self.core.master.timeout)
+        except RpcError as e:
+            if not (isinstance(e, RpcConnectionError) or e.code == _NOT_LEADER):
+                raise
+            if not must_finish:
+                raise _Unreachable(str(e)) from None
+        return self.engine.run(self.core.master.call(method, request, reply), self.timeout)
+
+    def _scratch_address(self) -> int | None:
+        """This thread's registered scratch buffer (made on first use; a bounded number)."""
+        buf = getattr(self._local, "scratch", None)
+        if buf is None:
+            with self._lock:
+                if len(self._scratch) >= _MAX_SCRATCH_THREADS:
+                    return None
+            buf = self.engine.run(self.engine.allocate_shared(_SCRATCH), self.timeout)
+            with self._lock:
+                self._scratch.append(buf)
+            self._local.scratch = buf
+        return int(buf.address)
+
+    def close(self) -> None:
+        """Drop the master connections and free the scratch buffers (from a non-loop thread)."""
+        rpc, self._rpc = self._rpc, None
+        if rpc is not None:
+            rpc.close()
+        with self._lock:
+            bufs, self._scratch = self._scratch, []
+        for buf in bufs:
+            try:
+                self.engine.run(self.engine.free_shared(buf), 10.0)
+            except Exception:  # noqa: BLE001 - the engine may already be closing
+                pass
+
+    def _registered(self, address: int, size: int) -> bool:
+        try:
+            self.engine.registry.find(address, size)
+        except AddressError:
+            return False
+        return True
+
+    # -- gets ---------------------------------------------------------------------------------
+
+    def _replica(self, key: str) -> ReplicaDesc | None:
+        """The nearest replica if it is remote (cached under its lease or asked for)."""
+        core = self.core
+        reps = core.locations.get(key)
+        if reps is None:
+            reply = self._master("batch_get_replica_list", KeysRequest([key]),
+                                 BatchGetReplicaListReply, must_finish=False)
+            item = reply.items[0]
+            if item.code:
+                raise StoreError(item.code, f"{key!r}: no readable replica")
+            reps = order_replicas(item.replicas, core._local_segments, core._host)
+            core.locations.put(key, reps, reply.lease_ttl_ms)
+        if not reps or reps[0].segment in core._local_segments:
+            return None
+        return reps[0]
+
+    def _read(self, key: str, rep: ReplicaDesc, dest: int, size: int, scratch: int | None,
+              contiguous: bool) -> bool:
+        """Read the value (and trailer) of ``rep``; ``False`` if it failed or did not verify."""
+        checksum = self.core.checksum
+        if checksum and contiguous:
+            reqs = [TransferRequest(Opcode.READ, dest, rep.segment, rep.address,
+                                    size + TRAILER_SIZE)]
+            trailer = dest + size
+        else:
+            reqs = [TransferRequest(Opcode.READ, dest, rep.segment, rep.address, size)]
+            if checksum:
+                assert scratch is not None
+                reqs.append(TransferRequest(Opcode.READ, scratch, rep.segment,
+                                            rep.address + size, TRAILER_SIZE))
+                trailer = scratch
+        try:
+            self.engine.transfer_blocking(reqs, timeout=self.core.transfer_timeout)
+        except Exception:  # noqa: BLE001 - the loop path retries and reports why
+            self.core.locations.invalidate(key)
+            return False
+        if checksum and check_trailer(memory_at(dest, size),
+                                      memory_at(trailer, TRAILER_SIZE)) is not None:
+            self.core.locations.invalidate(key)
+            return False
+        return True
+
+    def get_into(self, key: str, address: int, size: int) -> Any:
+        """The value's size, or :data:`FALLBACK`."""
+        if _check_key(key) is not None or not self.usable():
+            return FALLBACK
+        try:
+            rep = self._replica(key)
+        except _Unreachable:
+            return FALLBACK
+        except RpcError as e:
+            raise as_store_error(e) from None
+        if rep is None:
+            return FALLBACK
+        value = self.core.value_size(rep)
+        if value > size or value <= 0 or not self._registered(address, value):
+            return FALLBACK
+        scratch = self._scratch_address() if self.core.checksum else None
+        if self.core.checksum and scratch is None:
+            return FALLBACK
+        if not self._read(key, rep, address, value, scratch, contiguous=False):
+            return FALLBACK
+        self.hits += 1
+        return value
+
+    def get(self, key: str) -> Any:
+        """The value as ``bytes``, or :data:`FALLBACK`. Value and trailer are read in one
+        piece into this thread's scratch buffer."""
+        if _check_key(key) is not None or not self.usable():
+            return FALLBACK
+        try:
+            rep = self._replica(key)
+        except _Unreachable:
+            return FALLBACK
+        except RpcError as e:
+            raise as_store_error(e) from None
+        if rep is None or rep.size > _SCRATCH or self.core.value_size(rep) <= 0:
+            return FALLBACK
+        scratch = self._scratch_address()
+        if scratch is None:
+            return FALLBACK
+        value = self.core.value_size(rep)
+        if not self._read(key, rep, scratch, value, None, contiguous=True):
+            return FALLBACK
+        self.hits += 1
+        return bytes(memory_at(scratch, value))
+
+    # -- puts ---------------------------------------------------------------------------------
+
+    def put_from(self, key: str, address: int, size: int, config: ReplicateConfig) -> Any:
+        """``None`` once stored, or :data:`FALLBACK`; raises :class:`StoreError` if refused."""
+        core = self.core
+        if (_check_key(key) is not None or size <= 0 or not self.usable()
+                or not self._registered(address, size) or core._local_segments):
+            return FALLBACK
+        scratch = None
+        if core.checksum:
+            scratch = self._scratch_address()
+            if scratch is None:
+                return FALLBACK
+            memory_at(scratch, TRAILER_SIZE)[:] = make_trailer(memory_at(address, size))
+        return self._put(key, [(address, size)], size, scratch, config)
+
+    def put(self, key: str, value: Any, config: ReplicateConfig) -> Any:
+        """Store a bytes-like ``value`` staged through this thread's scratch buffer."""
+        try:
+            view = memoryview(value).cast("B")
+        except (TypeError, ValueError):  # not a contiguous bytes-like: the loop path says why
+            return FALLBACK
+        n = view.nbytes
+        if (n <= 0 or n + TRAILER_SIZE > _SCRATCH or _check_key(key) is not None
+                or not self.usable() or self.core._local_segments):
+            return FALLBACK
+        scratch = self._scratch_address()
+        if scratch is None:
+            return FALLBACK
+        memory_at(scratch, n)[:] = view
+        trailer = None
+        if self.core.checksum:
+            trailer = scratch + n
+            memory_at(trailer, TRAILER_SIZE)[:] = make_trailer(view)
+        return self._put(key, [(scratch, n)], n, trailer, config)
+
+    def _put(self, key: str, pieces: list[tuple[int, int]], size: int, trailer: int | None,
+             config: ReplicateConfig) -> Any:
+        core = self.core
+        if trailer is not None:
+            pieces = [*pieces, (trailer, TRAILER_SIZE)]
+        stored = size + (TRAILER_SIZE if trailer is not None else 0)
+        try:
+            reply = self._master("batch_put_start", BatchPutStartRequest(
+                client_id=core.client_id, keys=[key], sizes=[stored], config=config),
+                BatchPutStartReply, must_finish=False)
+        except _Unreachable:
+            return FALLBACK
+        except RpcError as e:
+            raise as_store_error(e) from None
+        item = reply.items[0]
+        if item.code:
+            raise StoreError(item.code, f"put of {key!r} refused")
+        reqs: list[TransferRequest] = []
+        for rep in item.replicas:
+            offset = 0
+            for addr, n in pieces:
+                if rep.segment in core._local_segments:  # mounted meanwhile: copy directly
+                    ctypes.memmove(rep.address + offset, addr, n)
+                else:
+                    reqs.append(TransferRequest(Opcode.WRITE, addr, rep.segment,
+                                                rep.address + offset, n))
+                offset += n
+        keys = OwnedKeysRequest(core.client_id, [key])
+        try:
+            if reqs:
+                self.engine.transfer_blocking(reqs, timeout=core.transfer_timeout)
+        except Exception as e:  # noqa: BLE001 - reported as the put's error
+            try:
+                self._master("batch_put_revoke", keys, CodesReply, must_finish=True)
+            except Exception:  # noqa: BLE001 - the master reclaims it after its timeout
+                pass
+            raise StoreError(TRANSFER_FAIL, f"writing {key!r} failed: {e}") from None
+        try:
+            code = self._master("batch_put_end", keys, CodesReply, must_finish=True).codes[0]
+        except Exception as e:  # noqa: BLE001
+            raise as_store_error(e) from None
+        if code:
+            raise StoreError(code, f"publishing {key!r} failed")
+        replicas = [(r.segment, r.address, r.size) for r in item.replicas]
+        self.loop.call_soon_threadsafe(_record_put, core, key, replicas)
+        self.hits += 1
+        return None
+
+
+def _record_put(core: AsyncStoreClient, key: str, replicas: list[tuple[str, int, int]]) -> None:
+    """Loop thread: the bookkeeping ``put_pieces`` does after a successful put."""
+    for segment, address, size in replicas:
+        if segment in core._local_segments:
+            core.holdings[segment].add_object(key, address, size)
+        elif core._announcer is not None:
+            core._announcer.add(segment, key, address, size)

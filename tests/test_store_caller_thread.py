@@ -1,0 +1,182 @@
+"""The blocking client's caller-thread path (store.client.direct) against a real master process."""
+from __future__ import annotations
+
+import ctypes
+import threading
+import time
+
+import pytest
+
+from _store_util import MIB, master_process, new_client
+from store.client import MasterErrorCode, StoreError
+from store.client.errors import BUFFER_NOT_REGISTERED, RPC_FAIL
+from store.master import ReplicateConfig
+from transfer.memory import memory_at
+
+pytestmark = pytest.mark.timeout(60)
+
+
+@pytest.fixture(scope="module")
+def master():
+    with master_process() as address:
+        yield address
+
+
+@pytest.fixture(scope="module")
+def pool(master):
+    """One memory-contributing holder and one client-only reader/writer."""
+    holder = new_client(master)
+    user = new_client(master, global_segment_size=0)
+    yield holder, user
+    user.close()
+    holder.close()
+
+
+def _pattern(n: int, seed: int) -> bytes:
+    return bytes((i * 7 + seed) & 0xFF for i in range(n))
+
+
+def test_small_ops_run_on_the_caller_thread_with_exact_bytes(pool):
+    holder, user = pool
+    assert user.direct is not None
+    buf = (ctypes.c_char * (MIB))()
+    addr = user.register(buf)
+    try:
+        before = user.direct.hits
+        value = _pattern(4096, 1)
+        user.put("ct/4k", value)
+        assert user.get("ct/4k") == value
+        memory_at(addr, 65536)[:] = _pattern(65536, 2)
+        user.put_from("ct/64k", addr, 65536)
+        assert user.get_into("ct/64k", addr + 65536, 2 * 65536) == 65536
+        assert bytes(memory_at(addr + 65536, 65536)) == _pattern(65536, 2)
+        assert user.direct.hits == before + 4
+        # The loop path sees what the caller-thread path wrote, and the other way round.
+        assert holder.get("ct/64k") == _pattern(65536, 2)
+        holder.put("ct/from-holder", b"h" * 1000)
+        assert user.get("ct/from-holder") == b"h" * 1000
+    finally:
+        user.unregister(addr)
+
+
+def test_concurrent_threads_each_get_their_own_bytes(pool):
+    _, user = pool
+    errors: list[BaseException] = []
+
+    def worker(k: int) -> None:
+        try:
+            for i in range(30):
+                value = _pattern(1000 + i, k)
+                user.put(f"ct/t{k}/{i}", value)
+                assert user.get(f"ct/t{k}/{i}") == value
+        except BaseException as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=worker, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert not errors
+
+
+def test_unusual_ops_fall_back_to_the_loop_path(pool):
+    _, user = pool
+    assert user.direct is not None
+    buf = (ctypes.c_char * (4 * MIB))()
+    addr = user.register(buf)
+    try:
+        hits = user.direct.hits
+        big = _pattern(MIB + 3, 3)  # over the small-path size: the loop path stages it
+        user.put("ct/big", big)
+        assert user.get("ct/big") == big
+        assert user.direct.hits == hits
+        # Errors come out exactly as the loop path reports them.
+        with pytest.raises(StoreError) as e:
+            user.get("")
+        assert e.value.code == MasterErrorCode.INVALID_KEY
+        with pytest.raises(StoreError) as e:
+            user.get_into("ct/big", addr, 100)  # buffer too small
+        assert e.value.code == MasterErrorCode.INVALID_PARAMS
+        unregistered = (ctypes.c_char * 4096)()
+        with pytest.raises(StoreError) as e:
+            user.put_from("ct/unreg", ctypes.addressof(unregistered), 4096)
+        assert e.value.code == BUFFER_NOT_REGISTERED
+        with pytest.raises(StoreError) as e:
+            user.put("ct/empty", b"")
+        assert e.value.code == MasterErrorCode.INVALID_PARAMS
+    finally:
+        user.unregister(addr)
+
+
+def test_refusals_raise_from_the_caller_thread(pool):
+    _, user = pool
+    with pytest.raises(StoreError) as e:
+        user.get("ct/never-written")
+    assert e.value.not_found
+    user.put("ct/dup", b"first")
+    with pytest.raises(StoreError) as e:
+        user.put("ct/dup", b"second")
+    assert e.value.code == MasterErrorCode.OBJECT_ALREADY_EXISTS
+    assert user.get("ct/dup") == b"first"
+    # A replica count the pool cannot satisfy is refused, never a hang or a torn object.
+    with pytest.raises(StoreError):
+        user.put("ct/too-many", b"x", ReplicateConfig(replica_num=5))
+    assert not user.exists("ct/too-many")
+
+
+def test_checksums_on_the_caller_thread(master):
+    holder = new_client(master, checksum=True)
+    user = new_client(master, checksum=True, global_segment_size=0)
+    try:
+        assert user.direct is not None
+        buf = (ctypes.c_char * 65536)()
+        addr = user.register(buf)
+        hits = user.direct.hits
+        value = _pattern(20000, 5)
+        user.put("ck/direct", value)
+        memory_at(addr, 8000)[:] = _pattern(8000, 6)
+        user.put_from("ck/zc", addr, 8000)
+        assert user.get("ck/direct") == value
+        assert user.get_into("ck/zc", addr + 10000, 10000) == 8000
+        assert bytes(memory_at(addr + 10000, 8000)) == _pattern(8000, 6)
+        assert user.direct.hits == hits + 4
+        # Corrupt the only replica: the read fails verification and the loop path reports it.
+        rep = user.engine.run(user.core.replicas(["ck/direct"]))[0][0]
+        memory_at(rep.address + 17, 1)[0] ^= 0x55
+        with pytest.raises(StoreError, match="checksum"):
+            user.get("ck/direct")
+        user.unregister(addr)
+    finally:
+        user.close()
+        holder.close()
+
+
+def test_master_restart_and_short_retry_timeout():
+    with master_process() as address:
+        holder = new_client(address)
+        user = new_client(address, global_segment_size=0, rpc={"retry_timeout": 0.5})
+        assert user.core.master.retry_timeout == 0.5
+        user.put("rs/1", b"before")
+        assert user.get("rs/1") == b"before"
+        port = int(address.rpartition(":")[2])
+    # The master is gone: a clear error within about retry_timeout, not the 15 s default.
+    start = time.monotonic()
+    with pytest.raises(StoreError) as e:
+        user.put("rs/2", b"nobody home")
+    assert e.value.code == RPC_FAIL
+    assert time.monotonic() - start < 5.0
+    with master_process(port=port):
+        # The holder remounts on its next heartbeat; then the caller-thread path reconnects.
+        deadline = time.monotonic() + 15
+        while True:
+            try:
+                user.put("rs/3", b"after")
+                break
+            except StoreError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
+        assert user.get("rs/3") == b"after"
+        user.close()
+        holder.close()
