@@ -6,9 +6,11 @@ Example::
         --policies random,load_balance,local_cache,global_cache --rejection none --json out.json
 
 ``--trace`` takes a name (``conversation``/``synthetic``, found in ``$MOONCAKE_TRACES_DIR`` or
-``../shared/traces``) or a path. A ``bench`` mode replaying against a real proxy is not part of
-this module yet: it would reuse :func:`scheduler.sim.engine.to_request_info` and
-:mod:`scheduler.sim.metrics` with HTTP clients in place of the event loop.
+``../shared/traces``) or a path.
+
+``python -m scheduler.sim bench --url http://127.0.0.1:8000 --model NAME --trace conversation
+--token-scale 0.01 --time-scale 0.01 --limit 100`` replays the trace as real HTTP load against a
+running proxy (see :mod:`scheduler.sim.bench`) and prints the same table and JSON.
 """
 from __future__ import annotations
 
@@ -86,7 +88,80 @@ def cluster_from_args(args: argparse.Namespace) -> ClusterConfig:
     )
 
 
+def build_bench_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m scheduler.sim bench",
+        description="Replay a trace, scaled down, as real HTTP load against a proxy (loopback).",
+    )
+    p.add_argument("--url", required=True, help="proxy (or engine) base URL, loopback only")
+    p.add_argument("--model", required=True, help="model name to put in the requests")
+    p.add_argument("--trace", default="conversation", help="name or path of a trace")
+    p.add_argument("--limit", type=int, default=50, help="first N requests")
+    p.add_argument("--token-scale", type=float, default=0.01, help="prompt/output length factor")
+    p.add_argument("--time-scale", type=float, default=0.01, help="arrival-time factor")
+    p.add_argument("--concurrency", type=int, default=64, help="max requests in flight")
+    p.add_argument("--max-seconds", type=float, default=120.0, help="bound on the whole run")
+    p.add_argument("--timeout", type=float, default=60.0, help="per-request timeout (s)")
+    p.add_argument("--chat", action="store_true", help="use /v1/chat/completions")
+    p.add_argument("--ttft-slo", type=float, default=30.0, help="seconds, for goodput")
+    p.add_argument("--tbt-slo", type=float, default=0.1, help="seconds, for goodput")
+    p.add_argument("--json", nargs="?", const="-", default=None, help="write JSON (file or -)")
+    return p
+
+
+def bench_main(argv: Sequence[str]) -> int:
+    import asyncio
+    import time
+
+    from .bench import BenchError, BenchOptions, bench_summary, run_bench
+
+    args = build_bench_parser().parse_args(argv)
+    try:
+        opts = BenchOptions(
+            url=args.url,
+            model=args.model,
+            token_scale=args.token_scale,
+            time_scale=args.time_scale,
+            limit=args.limit,
+            concurrency=args.concurrency,
+            max_seconds=args.max_seconds,
+            request_timeout=args.timeout,
+            chat=args.chat,
+        )
+        trace = load_trace(args.trace, limit=args.limit)
+    except (BenchError, TraceError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    wall = time.perf_counter()
+    records = asyncio.run(run_bench(trace, opts))
+    summary = bench_summary(
+        records, args.ttft_slo, args.tbt_slo, wall_s=time.perf_counter() - wall
+    )
+    print(format_table([summary]))
+    errors = [r for r in records if r.outcome == "error"]
+    if errors:
+        print(f"{len(errors)} errors, first: {errors[0].reason}", file=sys.stderr)
+    if args.json is not None:
+        doc = {
+            "mode": "bench",
+            "trace": str(args.trace),
+            "requests": len(records),
+            "options": {k: v for k, v in vars(args).items() if k != "json"},
+            "results": [summary.to_dict()],
+        }
+        text = json.dumps(doc, indent=2, default=str)
+        if args.json == "-":
+            print(text)
+        else:
+            with open(args.json, "w", encoding="utf-8") as f:
+                f.write(text + "\n")
+    return 0 if not errors else 1
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["bench"]:
+        return bench_main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         trace = load_trace(args.trace, limit=args.limit)
