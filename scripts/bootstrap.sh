@@ -76,6 +76,13 @@ if [ "$MODE" = test ]; then
         "${PIP[@]}" install -q --no-deps "sglang==$SGLANG_VERSION" 2>&1 | grep -v "is ignored" || true
     fi
     "${PIP[@]}" install -q orjson IPython 2>&1 | grep -v "is ignored" || true
+    # The real Mooncake (C++), run side by side with ours in compatibility tests and benchmarks.
+    if [ -z "$(installed_version mooncake-transfer-engine-non-cuda)" ]; then
+        log "installing mooncake-transfer-engine-non-cuda (the real Mooncake, for comparisons)"
+        "${PIP[@]}" install -q mooncake-transfer-engine-non-cuda 2>&1 | grep -v "is ignored" || true
+        "$VENV/bin/python" -c "import mooncake.store, mooncake.engine" \
+            || { echo "mooncake-transfer-engine-non-cuda install failed" >&2; exit 1; }
+    fi
     EXTRAS="[test,etcd]"
 else
     EXTRAS="[etcd]"
