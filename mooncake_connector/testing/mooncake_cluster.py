@@ -18,11 +18,12 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from transfer.testing import free_port, stop_process, wait_for_port
+from mooncake_connector.testing._processes import MasterAndHolder
+from transfer.testing import free_port, wait_for_port
 
 __all__ = ["MooncakeCluster", "find_mooncake_master"]
 
@@ -39,16 +40,13 @@ def find_mooncake_master() -> str:
 
 
 @dataclass
-class MooncakeCluster:
+class MooncakeCluster(MasterAndHolder):
     """A real ``mooncake_master`` (with its HTTP metadata server) and a pool-holding process."""
 
     segment_size: int = 2 << 30
     workdir: Path | None = None
     master_port: int = 0
     metadata_port: int = 0
-    _master: subprocess.Popen | None = field(default=None, init=False, repr=False)
-    _holder: subprocess.Popen | None = field(default=None, init=False, repr=False)
-    _logs: list[Any] = field(default_factory=list, init=False, repr=False)
 
     @property
     def master_address(self) -> str:
@@ -119,30 +117,3 @@ class MooncakeCluster:
                 return
         self.stop()
         raise RuntimeError(f"store holder did not start: {line!r}\n{log_path.read_text()[-2000:]}")
-
-    def kill_master(self) -> None:
-        """SIGKILL the master: clients' calls must then fail cleanly (no hang, no crash)."""
-        if self._master is not None:
-            self._master.kill()
-            self._master.wait(10)
-
-    def kill_holder(self) -> None:
-        """SIGKILL the process holding the pool: every stored block vanishes with it."""
-        if self._holder is not None:
-            self._holder.kill()
-            self._holder.wait(10)
-
-    def stop(self) -> None:
-        for proc in (self._holder, self._master):
-            if proc is not None:
-                stop_process(proc, timeout=5)
-        self._holder = self._master = None
-        for log in self._logs:
-            log.close()
-        self._logs.clear()
-
-    def __enter__(self) -> "MooncakeCluster":
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()

@@ -18,7 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from transfer.testing import free_port, stop_process, wait_for_port
+from mooncake_connector.testing._processes import MasterAndHolder
+from transfer.testing import free_port, wait_for_port
 
 __all__ = ["StoreCluster"]
 
@@ -26,7 +27,7 @@ _REPO = Path(__file__).resolve().parents[2]
 
 
 @dataclass
-class StoreCluster:
+class StoreCluster(MasterAndHolder):
     """A real ``store.master`` and a ``store.node`` holding ``segment_size`` bytes of the pool."""
 
     segment_size: int = 2 << 30
@@ -34,9 +35,6 @@ class StoreCluster:
     master_port: int = 0
     client_ttl: float = 2.0
     segments: list[str] = field(default_factory=list, init=False)
-    _master: subprocess.Popen | None = field(default=None, init=False, repr=False)
-    _holder: subprocess.Popen | None = field(default=None, init=False, repr=False)
-    _logs: list[Any] = field(default_factory=list, init=False, repr=False)
 
     @property
     def master_address(self) -> str:
@@ -114,30 +112,3 @@ class StoreCluster:
         assert self.workdir is not None
         raise RuntimeError(f"store node did not start (rc {self._holder.poll()}):\n"
                            f"{(self.workdir / 'node.log').read_text()[-2000:]}")
-
-    def kill_master(self) -> None:
-        """SIGKILL the master: clients' calls must then fail cleanly (no hang, no crash)."""
-        if self._master is not None:
-            self._master.kill()
-            self._master.wait(10)
-
-    def kill_holder(self) -> None:
-        """SIGKILL the node holding the pool: every stored block vanishes with it."""
-        if self._holder is not None:
-            self._holder.kill()
-            self._holder.wait(10)
-
-    def stop(self) -> None:
-        for proc in (self._holder, self._master):
-            if proc is not None:
-                stop_process(proc, timeout=5)
-        self._holder = self._master = None
-        for log in self._logs:
-            log.close()
-        self._logs.clear()
-
-    def __enter__(self) -> "StoreCluster":
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
