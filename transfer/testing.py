@@ -18,7 +18,8 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-__all__ = ["free_port", "wait_for_port", "EtcdServer", "stop_process"]
+__all__ = ["free_port", "wait_for_port", "EtcdServer", "stop_process", "stop_process_group",
+           "tail_file"]
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -53,6 +54,26 @@ def stop_process(proc: subprocess.Popen, timeout: float = 10.0) -> None:
         with contextlib.suppress(ProcessLookupError):
             proc.kill()
         proc.wait(timeout=timeout)
+
+
+def stop_process_group(proc: subprocess.Popen, timeout: float = 20.0) -> None:
+    """Stop ``proc`` and every process of its group (it must lead one: ``start_new_session``).
+
+    vLLM servers run their engine core and workers as children: stopping only the leader would
+    leave them holding memory and ports.
+    """
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    stop_process(proc, timeout=timeout)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+
+
+def tail_file(path: Path | None, n: int = 40) -> str:
+    """The last ``n`` lines of a log file ("" if there is none), to show why a process died."""
+    if path is None or not path.exists():
+        return ""
+    return "\n".join(path.read_text(errors="replace").splitlines()[-n:])
 
 
 @dataclass

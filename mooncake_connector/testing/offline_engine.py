@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from mooncake_connector.testing.vllm_engines import DEFAULT_ENGINE_ARGS, cpu_engine_env
-from transfer.testing import stop_process
+from transfer.testing import stop_process_group, tail_file
 
 __all__ = ["OfflineEngine"]
 
@@ -103,21 +103,11 @@ class OfflineEngine:
         return self._read(timeout)
 
     def log_tail(self, n: int = 40) -> str:
-        if self.log_path is None or not self.log_path.exists():
-            return ""
-        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
+        return tail_file(self.log_path, n)
 
     def stop(self) -> None:
         if self._proc is not None:
-            try:
-                os.killpg(self._proc.pid, 15)
-            except ProcessLookupError:
-                pass
-            stop_process(self._proc, timeout=20)
-            try:
-                os.killpg(self._proc.pid, 9)
-            except ProcessLookupError:
-                pass
+            stop_process_group(self._proc)
             self._proc = None
         if self._log is not None:
             self._log.close()

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from transfer.testing import free_port, stop_process
+from transfer.testing import free_port, stop_process_group, tail_file
 
 __all__ = ["VllmServer", "cpu_engine_env", "run_offline", "DEFAULT_ENGINE_ARGS"]
 
@@ -123,22 +123,11 @@ class VllmServer:
             time.sleep(0.5)
 
     def log_tail(self, n: int = 40) -> str:
-        if self.log_path is None or not self.log_path.exists():
-            return ""
-        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
+        return tail_file(self.log_path, n)
 
     def stop(self) -> None:
         if self._proc is not None:
-            # The API server runs the engine core in child processes: kill the whole group.
-            try:
-                os.killpg(self._proc.pid, 15)
-            except ProcessLookupError:
-                pass
-            stop_process(self._proc, timeout=20)
-            try:
-                os.killpg(self._proc.pid, 9)
-            except ProcessLookupError:
-                pass
+            stop_process_group(self._proc)
         if self._log is not None:
             self._log.close()
             self._log = None
