@@ -3,11 +3,17 @@
 1. ``decide``: the Conductor's routing decision for a 32k-token prompt (16 prefill + 16 decode).
 2. ``tokenize``: tokenizing + hashing that prompt into block keys (tiny model's tokenizer).
 3. ``store_lookup``: one batched existence lookup of its block keys against a real master.
-4. ``overhead``: p50/p99 latency of requests through the proxy minus direct to the engine, at
-   ``--concurrency`` streams, against minimal real HTTP engines that answer at once (so only the
-   proxy's own cost is measured). Engines and the proxy run in their own processes.
+4. ``overhead`` (the target): the latency a request gains by going through the proxy. Open loop:
+   ``--concurrency`` long streams stay in flight (tokens every ``--stream-interval`` s), and
+   short probe requests arrive at a fixed ``--rate`` below saturation; added p50 = p50 through
+   the proxy minus p50 direct to the engine, under the same background. Minimal real HTTP
+   engines answer at once, so only the proxy's own cost is measured.
+5. ``throughput``: closed loop, ``--concurrency`` clients back to back. Its latencies are queueing
+   (Little's law: concurrency / throughput), so they measure capacity, not per-request cost.
+Engines and the proxy run in processes of their own; the load generator in this one.
 
 Usage: python benchmarks/proxy_bench.py [--json] [--requests 2000] [--concurrency 100]
+       [--rate 100] [--duration 10] [--only overhead]
 """
 from __future__ import annotations
 
@@ -143,7 +149,7 @@ def _proxy_main(port: int, prefill: str, decode: str, ready) -> None:  # type: i
     uvloop.run(run())
 
 
-async def _load(url: str, n: int, concurrency: int, stream: bool) -> list[float]:
+async def _closed_loop(url: str, n: int, concurrency: int, stream: bool) -> tuple[list[float], float]:
     import aiohttp
 
     body = {"model": "mini", "prompt": "hello " * 50, "max_tokens": 8, "stream": stream}
@@ -160,11 +166,64 @@ async def _load(url: str, n: int, concurrency: int, stream: bool) -> list[float]
 
         await asyncio.gather(*(one() for _ in range(min(200, n))))  # warm-up
         times.clear()
+        t0 = time.perf_counter()
         await asyncio.gather(*(one() for _ in range(n)))
+        elapsed = time.perf_counter() - t0
+    return times, n / elapsed
+
+
+async def _open_loop(url: str, rate: float, duration: float, streams: int, interval: float,
+                     stream: bool) -> list[float]:
+    """Probe latencies at ``rate``/s while ``streams`` long streams stay in flight."""
+    import aiohttp
+
+    probe = {"model": "mini", "prompt": "hello " * 50, "max_tokens": 8, "stream": stream}
+    long_body = {"model": "mini", "prompt": "hello " * 50, "max_tokens": 1_000_000,
+                 "stream": True, "mini_token_interval": interval}
+    times: list[float] = []
+    stop = asyncio.Event()
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as s:
+        async def background() -> None:
+            while not stop.is_set():
+                async with s.post(f"{url}/v1/completions", json=long_body) as r:
+                    async for _ in r.content.iter_any():
+                        if stop.is_set():
+                            break
+
+        async def one() -> None:
+            t0 = time.perf_counter()
+            async with s.post(f"{url}/v1/completions", json=probe) as r:
+                await r.read()
+                assert r.status == 200, r.status
+            times.append(time.perf_counter() - t0)
+
+        bg = [asyncio.create_task(background()) for _ in range(streams)]
+        await asyncio.sleep(1.0)  # the streams are open and flowing
+        probes = []
+        start = time.perf_counter()
+        for i in range(int(rate * duration)):  # a fixed schedule, whatever the answers do
+            delay = start + i / rate - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            probes.append(asyncio.create_task(one()))
+        await asyncio.gather(*probes)
+        stop.set()
+        for t in bg:
+            t.cancel()
+        await asyncio.gather(*bg, return_exceptions=True)
     return times
 
 
-def bench_overhead(n: int, concurrency: int) -> dict[str, dict[str, float]]:
+def _row(direct: list[float], via: list[float]) -> dict[str, float]:
+    return {"direct_p50_ms": _pct(direct, 50) * 1e3, "proxy_p50_ms": _pct(via, 50) * 1e3,
+            "added_p50_ms": (_pct(via, 50) - _pct(direct, 50)) * 1e3,
+            "direct_p99_ms": _pct(direct, 99) * 1e3, "proxy_p99_ms": _pct(via, 99) * 1e3,
+            "added_p99_ms": (_pct(via, 99) - _pct(direct, 99)) * 1e3}
+
+
+def bench_overhead(args: argparse.Namespace) -> dict[str, dict[str, dict[str, float]]]:
+    import uvloop
+
     ctx = mp.get_context("spawn")
     e_ports = [free_port(), free_port()]
     ready = ctx.Event()
@@ -172,7 +231,7 @@ def bench_overhead(n: int, concurrency: int) -> dict[str, dict[str, float]]:
     engines.start()
     ready.wait(30)
     urls = [f"http://127.0.0.1:{p}" for p in e_ports]
-    results: dict[str, dict[str, float]] = {}
+    results: dict[str, dict[str, dict[str, float]]] = {"open_loop": {}, "closed_loop": {}}
     try:
         for mode, (prefill, decode) in {"mixed": (urls[0], ""), "pd": (urls[0], urls[1])}.items():
             port = free_port()
@@ -180,16 +239,22 @@ def bench_overhead(n: int, concurrency: int) -> dict[str, dict[str, float]]:
             proxy = ctx.Process(target=_proxy_main, args=(port, prefill, decode, pready), daemon=True)
             proxy.start()
             pready.wait(30)
+            direct_url, via_url = urls[-1] if decode else urls[0], f"http://127.0.0.1:{port}"
             try:
                 for stream in (False, True):
-                    direct = asyncio.run(_load(urls[-1] if decode else urls[0], n, concurrency, stream))
-                    via = asyncio.run(_load(f"http://127.0.0.1:{port}", n, concurrency, stream))
                     key = f"{mode}{'-stream' if stream else ''}"
-                    results[key] = {
-                        "direct_p50_ms": _pct(direct, 50) * 1e3, "proxy_p50_ms": _pct(via, 50) * 1e3,
-                        "added_p50_ms": (_pct(via, 50) - _pct(direct, 50)) * 1e3,
-                        "direct_p99_ms": _pct(direct, 99) * 1e3, "proxy_p99_ms": _pct(via, 99) * 1e3,
-                    }
+                    ol = (args.rate, args.duration, args.concurrency, args.stream_interval, stream)
+                    direct = uvloop.run(_open_loop(direct_url, *ol))
+                    via = uvloop.run(_open_loop(via_url, *ol))
+                    results["open_loop"][key] = _row(direct, via)
+                    if args.only == "overhead":
+                        continue
+                    direct, d_rps = uvloop.run(_closed_loop(direct_url, args.requests,
+                                                            args.concurrency, stream))
+                    via, v_rps = uvloop.run(_closed_loop(via_url, args.requests,
+                                                         args.concurrency, stream))
+                    results["closed_loop"][key] = dict(_row(direct, via), direct_rps=d_rps,
+                                                       proxy_rps=v_rps)
             finally:
                 proxy.terminate()
                 proxy.join(10)
@@ -203,27 +268,45 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--requests", type=int, default=2000)
-    ap.add_argument("--concurrency", type=int, default=100)
+    ap.add_argument("--concurrency", type=int, default=100,
+                    help="long streams in flight (open loop) / clients (closed loop)")
+    ap.add_argument("--rate", type=float, default=100.0, help="open-loop probes per second")
+    ap.add_argument("--duration", type=float, default=10.0, help="open-loop seconds per run")
+    ap.add_argument("--stream-interval", type=float, default=0.1,
+                    help="seconds between tokens of the long streams (the TBT SLO)")
+    ap.add_argument("--only", choices=["overhead"], help="skip decide/tokenize/lookup/closed loop")
     args = ap.parse_args()
-    out = {
-        "decide_32k": bench_decide(),
-        "tokenize_32k": bench_tokenize(),
-        "store_lookup": bench_store_lookup(),
-        "overhead": bench_overhead(args.requests, args.concurrency),
-        "concurrency": args.concurrency,
-    }
+    out: dict = {"concurrency": args.concurrency, "rate": args.rate}
+    if args.only != "overhead":
+        out.update(decide_32k=bench_decide(), tokenize_32k=bench_tokenize(),
+                   store_lookup=bench_store_lookup())
+    out["overhead"] = bench_overhead(args)
     if args.json:
         print(json.dumps(out, indent=2))
+        return
+    _print(out)
+
+
+def _print(out: dict) -> None:
+    for kind, rows in out["overhead"].items():
+        if not rows:
+            continue
+        what = (f"open loop: {out['rate']:.0f} probes/s, {out['concurrency']} long streams in flight"
+                if kind == "open_loop" else f"closed loop: {out['concurrency']} clients")
+        print(what)
+        print(f"{'mode':<14}{'direct p50':>12}{'proxy p50':>12}{'added p50':>12}{'added p99':>12}"
+              f"{'proxy req/s':>13}")
+        for mode, r in rows.items():
+            print(f"{mode:<14}{r['direct_p50_ms']:>10.2f}ms{r['proxy_p50_ms']:>10.2f}ms"
+                  f"{r['added_p50_ms']:>10.2f}ms{r['added_p99_ms']:>10.2f}ms"
+                  f"{r.get('proxy_rps', float('nan')):>13.0f}")
+    if "decide_32k" not in out:
         return
     d, t, s = out["decide_32k"], out["tokenize_32k"], out["store_lookup"]
     print(f"decide (32k tokens, 16P+16D): p50 {d['p50_ms']:.3f} ms  p99 {d['p99_ms']:.3f} ms")
     print(f"tokenize+hash ({t['tokens']} tokens, {t['blocks']} blocks): p50 "
           f"{t['tokenize_and_hash_p50_ms']:.1f} ms (hash only {t['hash_only_p50_ms']:.2f} ms)")
     print(f"store lookup (64 keys): p50 {s['p50_ms']:.3f} ms  p99 {s['p99_ms']:.3f} ms")
-    print(f"{'mode':<14}{'direct p50':>12}{'proxy p50':>12}{'added p50':>12}{'proxy p99':>12}")
-    for mode, r in out["overhead"].items():
-        print(f"{mode:<14}{r['direct_p50_ms']:>10.2f}ms{r['proxy_p50_ms']:>10.2f}ms"
-              f"{r['added_p50_ms']:>10.2f}ms{r['proxy_p99_ms']:>10.2f}ms")
 
 
 if __name__ == "__main__":

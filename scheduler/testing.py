@@ -24,7 +24,8 @@ class MiniEngine:
     """Answers ``/v1/completions`` and ``/v1/chat/completions`` with ``tokens`` tokens.
 
     Records every request body (``requests``) and header set (``headers``, lower-case names). ``fail_status``
-    makes it answer errors; ``die_after`` tokens makes it drop the connection mid-stream.
+    makes it answer errors; ``die_after`` tokens makes it drop the connection mid-stream. A body
+    field ``mini_token_interval`` (seconds) paces a stream's tokens: the benchmark's long streams.
     Prefill-side behaviour: a request with ``kv_transfer_params.do_remote_decode`` gets
     ``kv_transfer_params`` back naming this engine, as the connector does.
     """
@@ -96,7 +97,10 @@ class MiniEngine:
             return web.json_response(answer)
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await resp.prepare(request)
+        pace = float(body.get("mini_token_interval") or 0.0)
         for i in range(n):
+            if pace and i:
+                await asyncio.sleep(pace)
             if self.die_after is not None and i >= self.die_after:
                 assert request.transport is not None
                 request.transport.abort()  # an engine crashing mid-stream

@@ -33,6 +33,11 @@ class ConnectorSettings:
     model_id: str | None = None
     tenant: str = ""
     hash_algo: str = "sha256"
+    etcd_endpoints: str | list[str] | None = None
+    advertise_url: str | None = None
+    instance_role: str | None = None
+    instance_id: str | None = None
+    registration_ttl_s: float = 10.0
 
     def __post_init__(self) -> None:
         if self.store_impl not in STORE_IMPLS:
@@ -49,6 +54,14 @@ class ConnectorSettings:
         if self.hash_algo not in ("sha256", "blake3"):
             raise ValueError(f"kv_connector_extra_config.hash_algo={self.hash_algo!r}: "
                              "allowed ('sha256', 'blake3')")
+        if (self.etcd_endpoints is None) != (self.advertise_url is None):
+            raise ValueError("kv_connector_extra_config: etcd_endpoints and advertise_url go "
+                             "together (the proxy discovers the engine at advertise_url)")
+        if self.instance_role not in (None, "prefill", "decode", "mixed"):
+            raise ValueError(f"kv_connector_extra_config.instance_role={self.instance_role!r}: "
+                             "allowed ('prefill', 'decode', 'mixed')")
+        if not 1 <= self.registration_ttl_s <= 600:
+            raise ValueError("kv_connector_extra_config.registration_ttl_s must be in [1, 600]")
         if not isinstance(self.store, dict):
             raise ValueError("kv_connector_extra_config.store must be an object of store settings")
 
@@ -69,7 +82,19 @@ class ConnectorSettings:
                 if isinstance(value, bool) or not isinstance(value, (int, float)):
                     raise ValueError(f"kv_connector_extra_config.{key} must be a number of seconds")
                 extra[key] = float(value)
-        for key in ("store_config_path", "model_id"):
+        if "etcd_endpoints" in extra and not (
+                isinstance(extra["etcd_endpoints"], str) or (
+                    isinstance(extra["etcd_endpoints"], list)
+                    and all(isinstance(e, str) for e in extra["etcd_endpoints"]))):
+            raise ValueError("kv_connector_extra_config.etcd_endpoints must be a string or a "
+                             "list of host:port strings")
+        if "registration_ttl_s" in extra:
+            value = extra["registration_ttl_s"]
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ValueError("kv_connector_extra_config.registration_ttl_s must be a number")
+            extra["registration_ttl_s"] = float(value)
+        for key in ("store_config_path", "model_id", "advertise_url", "instance_role",
+                    "instance_id"):
             if key in extra and extra[key] is not None and not isinstance(extra[key], str):
                 raise ValueError(f"kv_connector_extra_config.{key} must be a string")
         if "tenant" in extra and not isinstance(extra["tenant"], str):

@@ -16,6 +16,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorTransferResults,
 )
 
+from mooncake_connector.registry import role_of_kv_role
 from mooncake_connector.store_backend import StoreBackend, StoreError
 from mooncake_connector.vllm.config import ConnectorSettings
 from mooncake_connector.vllm.layout import build_namespace
@@ -59,6 +60,7 @@ class PyMooncakeConnector(KVConnectorBase_V1):
         self._num_blocks = kv_cache_config.num_blocks
         self._scheduler: SchedulerSide | None = None
         self._worker: WorkerSide | None = None
+        self._registration: Any = None
         if role == KVConnectorRole.SCHEDULER:
             store: StoreBackend | None
             try:
@@ -73,10 +75,30 @@ class PyMooncakeConnector(KVConnectorBase_V1):
                                         hash_algo=self.settings.hash_algo)
             self._scheduler = SchedulerSide(self.settings, namespace, block_size=self.block_size,
                                             can_load=can_load, can_save=can_save, store=store)
+            self._registration = self._register(namespace.to_dict(), ktc.kv_role)
         else:
             store = StoreBackend(self.settings.store_impl, self.settings.store_settings(),
                                      retry_interval_s=self.settings.store_retry_interval_s)
             self._worker = WorkerSide(store, load_async=self.settings.load_async)
+
+    def _register(self, namespace: dict[str, Any], kv_role: str | None) -> Any:
+        """Announce this engine in etcd (``etcd_endpoints`` + ``advertise_url``) for proxies."""
+        s = self.settings
+        if not s.etcd_endpoints or not s.advertise_url:
+            return None
+        from mooncake_connector.registry import (  # noqa: PLC0415 - only when configured
+            InstanceRecord,
+            register_in_background,
+        )
+
+        record = InstanceRecord(s.advertise_url, s.instance_role or role_of_kv_role(kv_role),
+                                namespace, s.instance_id)
+        try:
+            return register_in_background(s.etcd_endpoints, record, ttl=s.registration_ttl_s)
+        except Exception as exc:  # discovery is optional: the engine serves without it
+            logger.error("PyMooncakeConnector: etcd registration of %s failed: %s",
+                         s.advertise_url, exc)
+            return None
 
     # -- worker side ---------------------------------------------------------------------------
     def register_kv_caches(self, kv_caches: "dict[str, torch.Tensor]") -> None:
@@ -136,6 +158,14 @@ class PyMooncakeConnector(KVConnectorBase_V1):
             self._worker.shutdown()
         if self._scheduler is not None and self._scheduler.store is not None:
             self._scheduler.store.close()
+        if self._registration is not None:
+            reg, loop = self._registration
+            self._registration = None
+            try:
+                loop.run(reg.close(), timeout=5.0)
+            except Exception as exc:  # the lease then expires by itself
+                logger.warning("PyMooncakeConnector: etcd deregistration failed: %s", exc)
+            loop.stop()
 
     # -- scheduler side ------------------------------------------------------------------------
     def get_num_new_matched_tokens(self, request: "Request",

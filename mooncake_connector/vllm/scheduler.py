@@ -6,7 +6,9 @@ blocks stay allocated after it finishes until every save of them completed (the 
 that through ``finished_sending``), so a save never reads a block that vLLM reused.
 
 P/D protocol: a request with ``kv_transfer_params={"do_remote_decode": true}`` (prefill side)
-answers ``{"do_remote_prefill": true, "namespace": <id>, "num_tokens": N, "last_block_key": K}``;
+answers ``{"do_remote_prefill": true, "namespace": <id>, "num_tokens": N, "last_block_key": K,
+"kv_namespace": {<KeyNamespace fields>}}`` (the full namespace, so a proxy can hash prompts into
+the same keys without being told it);
 on the decode side such a request waits (bounded by ``remote_prefill_wait_s``) until the
 promised keys exist, then loads them and recomputes whatever is still missing.
 """
@@ -216,7 +218,8 @@ class SchedulerSide:
         if st is not None and wants_decode and self.can_save and st.next_save:
             params = {"do_remote_prefill": True, "namespace": self.namespace.namespace_id,
                       "num_tokens": st.next_save * self.block_size,
-                      "last_block_key": st.keys[st.next_save - 1]}
+                      "last_block_key": st.keys[st.next_save - 1],
+                      "kv_namespace": self.namespace.to_dict()}
         if st is not None and st.saves_sent:
             return True, params  # freed when the worker reports the saves done
         self._reqs.pop(request.request_id, None)

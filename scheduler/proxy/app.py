@@ -11,6 +11,12 @@ Flow for a P/D request (the ``kv_transfer_params`` protocol of the connector):
    same ``X-Request-Id``; its answer (SSE or JSON) is relayed to the client as it arrives.
 
 Mixed mode (no P/D split) sends the whole request to the one instance the Conductor picked.
+
+Per-request cost is kept small on purpose (the proxy must add under 2 ms): the client's body is
+parsed once (msgspec) and forwarded as the raw bytes it came in, the decode side's
+``kv_transfer_params`` spliced in without re-encoding; upstream connections are kept alive and
+pooled; JSON answers are relayed in one write; metrics children are bound once; no per-request
+logging. Hot-spot replication (``Decision.replicate_blocks``) runs as a bounded background task.
 """
 from __future__ import annotations
 
@@ -20,10 +26,11 @@ import logging
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import aiohttp
+import msgspec
 from aiohttp import web
 
 from scheduler.policy import (
@@ -34,14 +41,18 @@ from scheduler.policy import (
     RequestInfo,
     Role,
 )
+from scheduler.proxy.discovery import EtcdDiscovery
 from scheduler.proxy.instances import Instance, InstancePool, InstanceSpec
 from scheduler.proxy.metrics import ProxyMetrics
 from scheduler.proxy.prompt import BadRequest, PromptHasher
+from store.keys import KeyNamespace
 
-__all__ = ["ProxySettings", "Proxy", "StoreLookup"]
+__all__ = ["ProxySettings", "Proxy", "StoreLookup", "Replicator"]
 
 log = logging.getLogger(__name__)
 StoreLookup = Callable[[Sequence[str]], Awaitable[Sequence[bool]]]
+Replicator = Callable[[Sequence[str], Instance], Awaitable[None]]
+"""Make a replica of each key on the store node next to the instance (hot-spot replication)."""
 STORE_ID = "store"
 HOP_BY_HOP = {"host", "content-length", "transfer-encoding", "connection", "keep-alive",
               "upgrade", "te", "trailer", "proxy-authorization", "proxy-authenticate",
@@ -58,6 +69,27 @@ class ProxySettings:
     request_timeout: float = 600.0
     connect_timeout: float = 5.0
     health_interval: float = 2.0
+    etcd_endpoints: str | None = None
+    """Discover instances under ``mooncake/instances/`` in this etcd (comma-separated)."""
+    discovery_interval: float = 1.0
+    max_replications: int = 4
+    """Hot-spot replications in flight at once; more are dropped (they are an optimisation)."""
+
+
+_decode = msgspec.json.Decoder().decode
+_encode = msgspec.json.Encoder().encode
+
+
+def _with_field(raw: bytes, body: dict[str, Any], name: str, value: Any) -> bytes:
+    """``raw`` with one more top-level field, without re-serialising the client's body.
+
+    Only when the field is absent (so no key is duplicated) and ``raw`` is the object ``body``
+    was parsed from; otherwise the body is encoded afresh.
+    """
+    end = raw.rstrip()
+    if body and name not in body and end.endswith(b"}"):
+        return b"".join((end[:-1], b',"', name.encode(), b'":', _encode(value), b"}"))
+    return _encode(dict(body, **{name: value}))
 
 
 def _error(status: int, message: str, kind: str = "invalid_request_error",
@@ -71,22 +103,36 @@ class Proxy:
 
     def __init__(self, instances: Sequence[InstanceSpec], *, settings: ProxySettings | None = None,
                  conductor: ConductorConfig | None = None, hasher: PromptHasher | None = None,
-                 store_lookup: StoreLookup | None = None) -> None:
+                 store_lookup: StoreLookup | None = None,
+                 replicator: Replicator | None = None) -> None:
         self.settings = settings or ProxySettings()
         self.hasher = hasher or PromptHasher(None)
         base = conductor or ConductorConfig()
         if base.block_tokens != self.hasher.block_tokens:
-            from dataclasses import replace
-
             base = replace(base, block_tokens=self.hasher.block_tokens)
         self.conductor = Conductor(base)
         self.conductor.add_instance(InstanceInfo(STORE_ID, Role.STORE))
         self.store_lookup = store_lookup
+        self.replicator = replicator
         self.metrics = ProxyMetrics()
+        # Bound once: a labelled child looked up per request costs more than the observation.
+        self._ttft_observe = self.metrics.ttft.observe
+        self._decide_observe = self.metrics.stage.labels(stage="decide").observe
+        self._counters: dict[tuple[str, int], Callable[[], None]] = {}
         self.pool = InstancePool(instances, interval=self.settings.health_interval,
                                  on_change=self._instance_changed)
+        for spec in instances:
+            if spec.namespace:
+                self.learn_namespace(spec.namespace, spec.id)
         self.pd = any(s.role != "mixed" for s in instances)
+        self.discovery: EtcdDiscovery | None = None
+        if self.settings.etcd_endpoints:
+            self.discovery = EtcdDiscovery(self.settings.etcd_endpoints, on_add=self.add_instance,
+                                           on_remove=self.remove_instance,
+                                           interval=self.settings.discovery_interval)
         self._in_flight = 0
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._replicating: set[asyncio.Task[None]] = set()
         self._session: aiohttp.ClientSession | None = None
         self._runner: web.AppRunner | None = None
         self.port = self.settings.port
@@ -94,8 +140,9 @@ class Proxy:
     # ---- lifecycle ---------------------------------------------------------------------------
 
     def app(self) -> web.Application:
+        # The auth middleware only when a key is set: every middleware costs every request.
         app = web.Application(client_max_size=self.settings.max_body_bytes,
-                              middlewares=[self._auth_middleware])
+                              middlewares=[self._auth_middleware] if self.settings.api_key else [])
         app.router.add_post("/v1/completions", self._completions)
         app.router.add_post("/v1/chat/completions", self._chat)
         app.router.add_get("/v1/models", self._models)
@@ -110,6 +157,8 @@ class Proxy:
             timeout=timeout, connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=300),
             auto_decompress=False)
         await self.pool.start()
+        if self.discovery is not None:
+            await self.discovery.start()
         self._runner = web.AppRunner(self.app(), access_log=None)
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.settings.host, self.settings.port)
@@ -122,6 +171,11 @@ class Proxy:
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
+        if self.discovery is not None:
+            await self.discovery.stop()
+        for task in [*self._replicating, *self._tasks]:
+            task.cancel()
+        await asyncio.gather(*self._replicating, *self._tasks, return_exceptions=True)
         await self.pool.stop()
         if self._session is not None:
             await self._session.close()
@@ -130,6 +184,48 @@ class Proxy:
     @property
     def url(self) -> str:
         return f"http://{self.settings.host}:{self.port}"
+
+    def add_instance(self, spec: InstanceSpec) -> None:
+        """Add (or update) an instance at run time; it gets traffic once a probe passes."""
+        inst = self.pool.add(spec)
+        if spec.namespace:
+            self.learn_namespace(spec.namespace, spec.id)
+        self.pd = any(i.role != "mixed" for i in self.pool)
+        if self.pool.started:
+            task = asyncio.create_task(self.pool.check(inst), name=f"probe-{spec.id}")
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    def remove_instance(self, instance_id: str) -> None:
+        """Drop an instance (its etcd record vanished); in-flight requests finish or fail."""
+        self.pool.remove(instance_id)
+        self.pd = any(i.role != "mixed" for i in self.pool)
+
+    def learn_namespace(self, namespace: Any, instance_id: str) -> None:
+        """Adopt the key namespace an instance's connector uses (config, etcd or its answer).
+
+        The proxy hashes prompts before it picks an instance, so it hashes with one namespace:
+        the first it learns (or ``--namespace``). An instance announcing another one is served,
+        but without cache awareness, and that is logged once.
+        """
+        inst = self.pool.get(instance_id)
+        if inst is None or not isinstance(namespace, dict) or inst.namespace == namespace:
+            return
+        try:
+            ns = KeyNamespace.from_dict(namespace)
+        except (TypeError, ValueError) as exc:
+            log.warning("instance %s announced a bad key namespace: %s", instance_id, exc)
+            return
+        inst.namespace = dict(namespace)
+        if self.hasher.namespace is None:
+            self.hasher.namespace = ns
+            self.conductor.config = replace(self.conductor.config, block_tokens=ns.block_size)
+            log.info("hashing prompts in namespace %s (learned from %s)", ns.namespace_id,
+                     instance_id)
+        elif self.hasher.namespace != ns:
+            log.warning("instance %s uses key namespace %s, the proxy hashes in %s: its cache "
+                        "is invisible to routing", instance_id, ns.namespace_id,
+                        self.hasher.namespace.namespace_id)
 
     def _instance_changed(self, inst: Instance) -> None:
         role = {"prefill": Role.PREFILL, "decode": Role.DECODE, "mixed": Role.MIXED}[inst.role]
@@ -177,12 +273,12 @@ class Proxy:
 
     # ---- the request path --------------------------------------------------------------------
 
-    async def _read_body(self, request: web.Request) -> dict[str, Any]:
+    async def _read_body(self, request: web.Request) -> tuple[dict[str, Any], bytes]:
+        """The parsed body (validated) and its raw bytes, which are forwarded as they came."""
+        raw = await request.read()
         try:
-            body = await request.json(loads=json.loads)
-        except web.HTTPRequestEntityTooLarge:
-            raise
-        except (json.JSONDecodeError, UnicodeDecodeError, ValueError) as exc:
+            body = _decode(raw)
+        except (msgspec.DecodeError, UnicodeDecodeError, ValueError) as exc:
             raise BadRequest(f"body is not valid JSON: {exc}") from exc
         if not isinstance(body, dict):
             raise BadRequest("body must be a JSON object")
@@ -195,7 +291,7 @@ class Proxy:
         max_tokens = body.get("max_tokens", body.get("max_completion_tokens"))
         if max_tokens is not None and (not isinstance(max_tokens, int) or max_tokens < 1):
             raise BadRequest("'max_tokens' must be a positive integer")
-        return body
+        return body, raw
 
     async def _serve(self, request: web.Request, path: str, chat: bool) -> web.StreamResponse:
         started = time.perf_counter()
@@ -207,7 +303,7 @@ class Proxy:
         request_id = request.headers.get("X-Request-Id") or f"mc-{uuid.uuid4().hex}"
         try:
             try:
-                body = await self._read_body(request)
+                body, raw = await self._read_body(request)
                 prompt = self.hasher.analyze(body, chat)
             except web.HTTPRequestEntityTooLarge:
                 return self._count(endpoint, _error(413, "request body too large"))
@@ -215,18 +311,22 @@ class Proxy:
                 return self._count(endpoint, _error(400, str(exc)))
             except LookupError as exc:
                 return self._count(endpoint, _error(404, str(exc), "model_not_found"))
-            response = await self._route_and_forward(request, path, body, prompt, request_id,
-                                                     started)
+            response = await self._route_and_forward(request, path, body, raw, prompt,
+                                                     request_id, started)
             return self._count(endpoint, response)
         finally:
             self._in_flight -= 1
 
     def _count(self, endpoint: str, response: web.StreamResponse) -> web.StreamResponse:
-        self.metrics.requests.labels(endpoint=endpoint, status=str(response.status)).inc()
+        inc = self._counters.get((endpoint, response.status))
+        if inc is None:
+            inc = self.metrics.requests.labels(endpoint=endpoint, status=str(response.status)).inc
+            self._counters[(endpoint, response.status)] = inc
+        inc()
         return response
 
     async def _route_and_forward(self, request: web.Request, path: str, body: dict[str, Any],
-                                 prompt: Any, request_id: str,
+                                 raw: bytes, prompt: Any, request_id: str,
                                  started: float) -> web.StreamResponse:
         keys = list(prompt.block_keys)
         if keys and self.store_lookup is not None:
@@ -234,7 +334,8 @@ class Proxy:
             try:
                 hits = await asyncio.wait_for(self.store_lookup(keys), timeout=1.0)
                 held = [k for k, hit in zip(keys, hits) if hit]
-                self.conductor.on_blocks_evicted(STORE_ID, [k for k in keys if k not in held])
+                self.conductor.on_blocks_evicted(STORE_ID, [k for k, hit in zip(keys, hits)
+                                                            if not hit])
                 self.conductor.on_blocks_cached(STORE_ID, held)
             except Exception as exc:  # the store is an optimisation: route without it
                 log.warning("store lookup failed (%s); routing without it", exc)
@@ -245,31 +346,37 @@ class Proxy:
             return _error(503, "no healthy instance to serve this request", "unavailable")
         decision = self.conductor.decide(RequestInfo(request_id, keys, prompt.token_count,
                                                      max_tokens if isinstance(max_tokens, int) else None))
-        self.metrics.stage.labels(stage="decide").observe(time.perf_counter() - t0)
+        self._decide_observe(time.perf_counter() - t0)
         if not decision.accepted:
             self.metrics.rejected.labels(reason=decision.reason.split(":")[0][:40]).inc()
             return _error(429, f"rejected: {decision.reason}", "rejected",
                           predicted_ttft_s=round(decision.predicted_ttft, 3))
+        if decision.replicate_blocks:
+            self._replicate(decision.replicate_blocks, decision.prefill_id or "")
         try:
             if self.pd:
-                return await self._pd(request, path, body, keys, request_id, decision, started)
+                return await self._pd(request, path, body, raw, keys, request_id, decision,
+                                      started)
             inst = self.pool.get(decision.prefill_id or "")
             if inst is None:
                 return _error(503, "chosen instance vanished", "unavailable")
             self._feedback(self.conductor.on_prefill_started, request_id)
-            resp = await self._relay(request, inst, path, body, request_id, started)
+            resp = await self._relay(request, inst, path, raw, bool(body.get("stream")),
+                                     request_id, started)
             self.conductor.on_blocks_cached(inst.id, keys)
             return resp
         finally:
             self.conductor.on_request_dropped(request_id)
 
-    async def _pd(self, request: web.Request, path: str, body: dict[str, Any], keys: list[str],
-                  request_id: str, decision: Any, started: float) -> web.StreamResponse:
+    async def _pd(self, request: web.Request, path: str, body: dict[str, Any], raw: bytes,
+                  keys: list[str], request_id: str, decision: Any,
+                  started: float) -> web.StreamResponse:
         prefill_body = dict(body, max_tokens=1, stream=False,
                             kv_transfer_params={"do_remote_decode": True})
         if "max_completion_tokens" in body:
             prefill_body["max_completion_tokens"] = 1
         prefill_body.pop("stream_options", None)
+        prefill_raw = _encode(prefill_body)
         tried: set[str] = set()
         prefill_id = decision.prefill_id
         params: dict[str, Any] | None = None
@@ -281,7 +388,8 @@ class Proxy:
             self._feedback(self.conductor.on_prefill_started, request_id)
             t0 = time.perf_counter()
             try:
-                status, answer = await self._post_json(inst, path, prefill_body, request, request_id)
+                status, answer = await self._post_json(inst, path, prefill_raw, request,
+                                                       request_id)
             except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
                 log.warning("prefill on %s failed (%s); retrying elsewhere", inst.id, exc)
                 self.pool.mark_failed(inst)
@@ -294,6 +402,8 @@ class Proxy:
             self.conductor.on_blocks_cached(inst.id, keys)
             self.metrics.stage.labels(stage="prefill").observe(time.perf_counter() - t0)
             params = answer.get("kv_transfer_params") if isinstance(answer, dict) else None
+            if isinstance(params, dict) and "kv_namespace" in params:
+                self.learn_namespace(params["kv_namespace"], inst.id)
             break
         if params is None and prefill_id is None:
             return _error(502, "every prefill instance failed", "upstream_error")
@@ -303,11 +413,35 @@ class Proxy:
             if not healthy:
                 return _error(503, "no healthy decode instance", "unavailable")
             decode = min(healthy, key=lambda i: i.in_flight)
-        decode_body = dict(body)
-        if params is not None:
-            decode_body["kv_transfer_params"] = params
+        decode_raw = raw if params is None else _with_field(raw, body, "kv_transfer_params", params)
         self._feedback(self.conductor.on_decode_started, request_id)
-        return await self._relay(request, decode, path, decode_body, request_id, started)
+        return await self._relay(request, decode, path, decode_raw, bool(body.get("stream")),
+                                 request_id, started)
+
+    def _replicate(self, keys: Sequence[str], instance_id: str) -> None:
+        """Hot-spot replication, off the request's path: a background task, at most
+        ``max_replications`` at once (beyond that it is dropped: routing still works, the
+        blocks are then read from their current holder)."""
+        inst = self.pool.get(instance_id)
+        if self.replicator is None or inst is None:
+            self.metrics.replications.labels(outcome="skipped").inc()
+            return
+        if len(self._replicating) >= self.settings.max_replications:
+            self.metrics.replications.labels(outcome="dropped").inc()
+            return
+
+        async def run() -> None:
+            try:
+                await asyncio.wait_for(self.replicator(list(keys), inst),  # type: ignore[misc]
+                                       timeout=self.settings.request_timeout)
+                self.metrics.replications.labels(outcome="done").inc()
+            except Exception as exc:  # an optimisation that failed: log, count, carry on
+                log.warning("replicating %d blocks next to %s failed: %s", len(keys), inst.id, exc)
+                self.metrics.replications.labels(outcome="failed").inc()
+
+        task = asyncio.create_task(run(), name=f"replicate-{instance_id}")
+        self._replicating.add(task)
+        task.add_done_callback(self._replicating.discard)
 
     def _feedback(self, fn: Callable[..., Any], *args: Any) -> None:
         """Tell the Conductor what happened. A request it no longer tracks (its instance left
@@ -323,42 +457,58 @@ class Proxy:
         headers["X-Request-Id"] = request_id
         return headers
 
-    async def _post_json(self, inst: Instance, path: str, body: dict[str, Any],
+    async def _post_json(self, inst: Instance, path: str, data: bytes,
                          request: web.Request, request_id: str) -> tuple[int, Any]:
         assert self._session is not None
         inst.in_flight += 1
         try:
-            async with self._session.post(f"{inst.url}{path}", json=body,
+            async with self._session.post(f"{inst.url}{path}", data=data,
                                           headers=self._headers(request, request_id)) as r:
+                payload = await r.read()
                 try:
-                    return r.status, await r.json(content_type=None)
-                except (json.JSONDecodeError, ValueError):
-                    text = await r.text(errors="replace")
+                    return r.status, _decode(payload)
+                except (msgspec.DecodeError, UnicodeDecodeError, ValueError):
+                    text = payload.decode(errors="replace")
                     return 502, {"error": {"message": f"bad response from {inst.id}: {text[:200]}",
                                            "type": "upstream_error", "code": 502}}
         finally:
             inst.in_flight -= 1
 
-    async def _relay(self, request: web.Request, inst: Instance, path: str, body: dict[str, Any],
-                     request_id: str, started: float) -> web.StreamResponse:
-        """Forward ``body`` to ``inst`` and stream its answer back as it arrives."""
+    async def _relay(self, request: web.Request, inst: Instance, path: str, data: bytes,
+                     stream: bool, request_id: str, started: float) -> web.StreamResponse:
+        """Forward ``data`` to ``inst`` and relay its answer: an SSE stream chunk by chunk as it
+        arrives, a JSON answer in one piece (one write, no chunked encoding)."""
         assert self._session is not None
         inst.in_flight += 1
         response: web.StreamResponse | None = None
         try:
-            async with self._session.post(f"{inst.url}{path}", json=body,
+            async with self._session.post(f"{inst.url}{path}", data=data,
                                           headers=self._headers(request, request_id)) as upstream:
-                response = web.StreamResponse(status=upstream.status)
                 ctype = upstream.headers.get("Content-Type", "application/json")
+                if not stream or not ctype.startswith("text/event-stream"):
+                    payload = await upstream.read()
+                    self._ttft_observe(time.perf_counter() - started)
+                    if upstream.status == 200:
+                        self._feedback(self.conductor.on_decode_finished, request_id)
+                    return web.Response(body=payload, status=upstream.status,
+                                        headers={"Content-Type": ctype,
+                                                 "X-Request-Id": request_id})
+                response = web.StreamResponse(status=upstream.status)
                 response.headers["Content-Type"] = ctype
                 response.headers["X-Request-Id"] = request_id
                 first = True
                 await response.prepare(request)
                 async for chunk in upstream.content.iter_any():
                     if first:
-                        self.metrics.ttft.observe(time.perf_counter() - started)
+                        self._ttft_observe(time.perf_counter() - started)
                         first = False
-                    await response.write(chunk)
+                    try:
+                        await response.write(chunk)
+                    except ConnectionError:  # incl. aiohttp.ClientConnectionResetError
+                        # The client went away: not the engine's fault. Closing the upstream
+                        # response (leaving this block) cancels the engine's request.
+                        log.debug("client of %s disconnected mid-stream", request_id)
+                        return response
                 await response.write_eof()
                 if upstream.status == 200:
                     self._feedback(self.conductor.on_decode_finished, request_id)

@@ -32,6 +32,9 @@ def build_parser() -> argparse.ArgumentParser:
       help="an instance with its role: prefill|decode|mixed (default mixed)")
     a("--instances-file", "--instances_file", metavar="PATH",
       help='JSON list of {"url", "role", "id", "namespace"}')
+    a("--etcd-endpoints", "--etcd_endpoints", metavar="HOST:PORT[,HOST:PORT]",
+      help="discover instances under mooncake/instances/<role>/<id> in etcd (written by the "
+           "connector when its extra config names etcd_endpoints and advertise_url)")
     a("--policy", choices=POLICY_NAMES, default="global_cache", help="routing policy")
     a("--rejection", choices=REJECTION_MODES, default="predictive", help="early rejection mode")
     a("--ttft-slo", "--ttft_slo", type=float, default=30.0, help="TTFT SLO in seconds (0: none)")
@@ -40,7 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
       help="prefix ratio above which hot blocks are replicated next to the chosen instance")
     a("--tokenizer", help="local tokenizer path (the model's); enables cache-aware routing")
     a("--namespace", help="KV key namespace as JSON (store.keys.KeyNamespace fields), as the "
-                          "connector of the engines uses it")
+                          "engines' connector uses it; optional: learned from the instances "
+                          "(config file, etcd, or the first P/D answer)")
     a("--master", help="store master host:port, for one batched existence lookup per request")
     a("--api-key", "--api_key", default=os.environ.get("MOONCAKE_PROXY_API_KEY"),
       help="require 'Authorization: Bearer KEY' from clients (env MOONCAKE_PROXY_API_KEY)")
@@ -58,12 +62,14 @@ def _instances(args: argparse.Namespace) -> list[InstanceSpec]:
     specs += [parse_instance(text) for text in args.instance]
     if args.instances_file:
         specs += load_instances(args.instances_file)
-    if not specs:
-        raise ValueError("no instances: give --prefill/--decode, --instance or --instances-file")
+    if not specs and not args.etcd_endpoints:
+        raise ValueError("no instances: give --prefill/--decode, --instance, --instances-file "
+                         "or --etcd-endpoints")
     roles = {s.role for s in specs}
     if "mixed" in roles and len(roles) > 1:
         raise ValueError("mixed instances cannot be combined with prefill/decode instances")
-    if roles & {"prefill", "decode"} and not {"prefill", "decode"} <= roles:
+    if roles & {"prefill", "decode"} and not {"prefill", "decode"} <= roles \
+            and not args.etcd_endpoints:
         raise ValueError("P/D mode needs at least one prefill and one decode instance")
     return specs
 
@@ -85,7 +91,8 @@ async def _run(args: argparse.Namespace) -> None:
         _instances(args),
         settings=ProxySettings(host=args.host, port=args.port, api_key=args.api_key,
                                max_in_flight=args.max_in_flight,
-                               request_timeout=args.request_timeout),
+                               request_timeout=args.request_timeout,
+                               etcd_endpoints=args.etcd_endpoints),
         conductor=ConductorConfig(policy=args.policy, rejection=args.rejection,
                                   ttft_slo_s=args.ttft_slo, tbt_slo_s=args.tbt_slo,
                                   kvcache_balancing_threshold=args.kvcache_balancing_threshold),
@@ -114,7 +121,9 @@ def main(argv: list[str] | None = None) -> int:
             KeyNamespace.from_dict(json.loads(args.namespace))
     except (ValueError, TypeError) as exc:
         parser.error(str(exc))
-    asyncio.run(_run(args))
+    import uvloop  # noqa: PLC0415
+
+    uvloop.run(_run(args))
     return 0
 
 

@@ -89,6 +89,8 @@ class Instance:
     in_flight: int = 0
     failures: int = 0
     last_check: float = 0.0
+    namespace: dict[str, Any] = field(default_factory=dict)
+    """The key namespace its connector uses: from the spec, etcd, or its first P/D answer."""
 
     @property
     def id(self) -> str:
@@ -135,10 +137,16 @@ class InstancePool:
                 seen.setdefault(m)
         return list(seen)
 
+    @property
+    def started(self) -> bool:
+        return self._session is not None
+
     def add(self, spec: InstanceSpec) -> Instance:
         """Add (or replace) an instance at run time, e.g. discovered from etcd."""
         inst = self._instances.get(spec.id)
         if inst is None or inst.spec != spec:
+            if inst is not None and inst.healthy:  # replaced (new URL): out until probed
+                self.remove(spec.id)
             inst = Instance(spec)
             self._instances[spec.id] = inst
         return inst

@@ -22,6 +22,10 @@ class ProxyMetrics:
                               buckets=_TTFT, registry=r)
         self.stage = Histogram("mooncake_proxy_stage_seconds", "time spent per routing stage",
                                ["stage"], buckets=_FAST, registry=r)
+        self.replications = Counter(
+            "mooncake_proxy_replications", "hot-spot replications the Conductor asked for, by "
+            "outcome (done, failed, dropped: too many in flight, skipped: no replicator)",
+            ["outcome"], registry=r)
         self.healthy = Gauge("mooncake_proxy_healthy_instances", "healthy instances, by role",
                              ["role"], registry=r)
 
