@@ -91,6 +91,7 @@ async def test_mixed_mode_routes_to_one_instance(engines):
     (json.dumps({"prompt": "x"}).encode(), 400, "'model'"),
     (json.dumps({"model": "mini"}).encode(), 400, "'prompt'"),
     (json.dumps({"model": "mini", "prompt": "x", "max_tokens": -3}).encode(), 400, "max_tokens"),
+    (json.dumps({"model": "mini", "prompt": "x", "max_tokens": True}).encode(), 400, "max_tokens"),
     (json.dumps({"model": "nope", "prompt": "x"}).encode(), 404, "not served"),
 ])
 async def test_bad_requests_get_clear_4xx(engines, body, status, fragment):

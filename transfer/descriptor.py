@@ -73,7 +73,7 @@ def decode_descriptor(data: bytes, *, expected_name: str | None = None) -> Segme
             f"descriptor is {len(data)} bytes, the limit is {MAX_DESCRIPTOR_SIZE}")
     try:
         desc = _decoder.decode(data)
-    except msgspec.DecodeError as e:
+    except (msgspec.DecodeError, RecursionError) as e:  # RecursionError: too deep
         raise DescriptorError(f"malformed segment descriptor: {e}") from None
     _validate(desc, expected_name)
     return desc

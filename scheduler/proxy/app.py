@@ -289,7 +289,7 @@ class Proxy:
         if models and model not in models:
             raise LookupError(f"model {model!r} is not served here; available: {models}")
         max_tokens = body.get("max_tokens", body.get("max_completion_tokens"))
-        if max_tokens is not None and (not isinstance(max_tokens, int) or max_tokens < 1):
+        if max_tokens is not None and (type(max_tokens) is not int or max_tokens < 1):
             raise BadRequest("'max_tokens' must be a positive integer")
         return body, raw
 

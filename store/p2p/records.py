@@ -155,7 +155,7 @@ def decode_object(data: bytes, *, expected_name: str | None = None) -> ObjectRec
         raise RecordError(f"object record is {len(data)} bytes, the limit is {MAX_RECORD_SIZE}")
     try:
         record = _decoder.decode(data)
-    except msgspec.DecodeError as e:
+    except (msgspec.DecodeError, RecursionError) as e:  # RecursionError: too deep
         raise RecordError(f"malformed object record: {e}") from None
     _validate(record)
     if expected_name is not None and record.name != expected_name:
@@ -237,7 +237,7 @@ def decode_partial(data: bytes, record: ObjectRecord) -> Partial:
         raise RecordError(f"progress entry is {len(data)} bytes, the limit is {MAX_RECORD_SIZE}")
     try:
         p = _partial_decoder.decode(data)
-    except msgspec.DecodeError as e:
+    except (msgspec.DecodeError, RecursionError) as e:  # RecursionError: too deep
         raise RecordError(f"malformed progress entry: {e}") from None
     probe = msgspec.structs.replace(record, holders=[Holder(p.segment, p.extents)])
     _validate(probe)

@@ -150,6 +150,8 @@ def read_config_file(path: str | os.PathLike[str]) -> dict[str, Any]:
             ) from None
         except ValueError as exc:  # duplicate key, or a number too large to parse
             raise ConfigError(f"{name}: malformed JSON: {exc}") from None
+        except RecursionError:
+            raise ConfigError(f"{name}: malformed JSON: nested too deeply") from None
     else:
         try:
             parsed = yaml.load(text, Loader=_StrictYamlLoader)  # SafeLoader subclass: no objects
@@ -160,6 +162,8 @@ def read_config_file(path: str | os.PathLike[str]) -> dict[str, Any]:
             raise ConfigError(f"{where}: malformed YAML: {problem}") from None
         except yaml.YAMLError as exc:
             raise ConfigError(f"{name}: malformed YAML: {exc}") from None
+        except RecursionError:
+            raise ConfigError(f"{name}: malformed YAML: nested too deeply") from None
         if parsed is None:
             parsed = {}
     if not isinstance(parsed, dict):

@@ -1,0 +1,57 @@
+"""Property-based fuzzing of live network servers: the HTTP metadata server (random methods,
+paths, query parameters, headers, If-Match values, bodies, truncated requests) and the transfer
+engine's TCP data port (random, truncated and oversized handshakes and slice headers, with and
+without authentication). Each answer is a 4xx or a clean close within the bound, the server
+process survives, a good client is still served afterwards and its memory stays bounded."""
+from __future__ import annotations
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+
+from _fuzz import metadata_cases, metadata_server, tcp_cases, tcp_engine
+
+pytestmark = pytest.mark.timeout(90)
+CI = settings(max_examples=80, deadline=None, database=None, derandomize=True,
+              suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
+                                     HealthCheck.function_scoped_fixture])
+RSS_BOUND = 64 << 20
+
+
+@pytest.fixture(scope="module", params=[None, "fuzz-token"], ids=["open", "token"])
+def metadata(request):
+    with metadata_server(request.param) as h:
+        yield h
+
+
+def test_metadata_server_survives_hostile_http(metadata):
+    metadata.healthy()
+    before = metadata.rss()
+
+    @CI
+    @given(case=metadata_cases)
+    def attack(case):
+        metadata.check(case)
+
+    attack()
+    metadata.healthy()
+    assert metadata.rss() - before < RSS_BOUND
+
+
+@pytest.fixture(scope="module", params=[None, b"fuzz-secret"], ids=["open", "auth"])
+def engine(request):
+    with tcp_engine(request.param) as h:
+        yield h
+
+
+def test_tcp_data_port_survives_hostile_headers(engine):
+    engine.healthy()
+    before = engine.rss()
+
+    @settings(CI, max_examples=60)
+    @given(case=tcp_cases(engine.addr, engine.size, engine.secret))
+    def attack(case):
+        engine.check(case)
+
+    attack()
+    engine.healthy()
+    assert engine.rss() - before < RSS_BOUND
