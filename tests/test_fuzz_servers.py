@@ -55,3 +55,33 @@ def test_tcp_data_port_survives_hostile_headers(engine):
     attack()
     engine.healthy()
     assert engine.rss() - before < RSS_BOUND
+
+
+def test_data_port_drops_a_peer_that_stalls_inside_a_request_header():
+    """A peer that sends part of a request header and goes silent must not hold a server thread
+    forever: the rest of a started request has to arrive within io_timeout."""
+    import socket as _socket
+    import time as _time
+
+    from _fuzz import _fetch_descriptor
+    from _transfer_util import Peer
+
+    from transfer.descriptor import decode_descriptor
+    from transfer.rpc import auth
+    from transfer.transports.tcp import PROTOCOL_VERSION
+
+    with Peer("--no-shm", "--io-timeout", "1.5", size=1 << 16) as peer:
+        desc = decode_descriptor(_fetch_descriptor(peer.name, None))
+        port = int(desc.transports["tcp"]["port"])
+        with _socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+            s.sendall(b"MCTD" + PROTOCOL_VERSION.to_bytes(2, "big") + auth.new_nonce())
+            welcome = b""
+            while len(welcome) < 37:  # the server's hello (no secret: no proof exchange)
+                chunk = s.recv(37 - len(welcome))
+                assert chunk, "server closed during the handshake"
+                welcome += chunk
+            _time.sleep(2.0)  # idle between requests is allowed...
+            s.sendall(b"\x4d\x43\x01")  # ...but a started header must be finished in time
+            t0 = _time.monotonic()
+            assert s.recv(64) == b""  # the server closed the stalled connection
+            assert _time.monotonic() - t0 < 6.0

@@ -28,9 +28,11 @@ def main() -> None:
     p.add_argument("--no-shm", action="store_true")
     p.add_argument("--secret", default=None)
     p.add_argument("--streams", type=int, default=4)
+    p.add_argument("--io-timeout", type=float, default=10.0)
     args = p.parse_args()
     overrides = {"local_hostname": args.hostname, "metadata_server": args.metadata,
-                 "transfer.enable_shm": not args.no_shm, "transfer.streams_per_peer": args.streams}
+                 "transfer.enable_shm": not args.no_shm, "transfer.streams_per_peer": args.streams,
+                 "transfer.io_timeout": args.io_timeout}
     if args.secret:
         overrides["auth_secret"] = args.secret
     engine = Engine(load_config(overrides=overrides)).start_in()

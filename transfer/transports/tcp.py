@@ -165,7 +165,13 @@ class _Server:
         head_view = memoryview(head)
         scratch: bytearray | None = None
         while True:
-            _recv_exact(conn, head_view)
+            # Idle between requests is fine (persistent streams); stalling inside one is not:
+            # once a request's first byte arrives, the rest must follow within io_timeout, or a
+            # silent peer would hold this server thread forever.
+            conn.settimeout(None)
+            _recv_exact(conn, head_view[:1])
+            conn.settimeout(self._io_timeout)
+            _recv_exact(conn, head_view[1:])
             magic, op, _, tag, addr, length = _REQ.unpack(head)
             if (magic != _MAGIC or op not in (Opcode.READ, Opcode.WRITE)
                     or not 0 < length <= MAX_SLICE):
@@ -184,8 +190,6 @@ class _Server:
                         left -= n
                 self._reply_error(conn, tag, _BAD_RANGE, str(e))
                 continue
-            # Idle between requests is fine; stalling inside one is not (io_timeout).
-            conn.settimeout(self._io_timeout)
             if not region.direct:
                 self._serve_staged(conn, op, tag, region, addr, length)
             elif op == Opcode.WRITE:
@@ -193,7 +197,6 @@ class _Server:
                 conn.sendall(_RESP.pack(_MAGIC, _OK, 0, tag, 0))
             else:
                 _send(conn, _RESP.pack(_MAGIC, _OK, 0, tag, length), memory_at(addr, length))
-            conn.settimeout(None)
 
     def _serve_staged(self, conn: socket.socket, op: int, tag: int, region: Region,
                       addr: int, length: int) -> None:
