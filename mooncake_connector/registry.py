@@ -47,7 +47,7 @@ class InstanceRecord:
     """What one engine announces; ``encode`` is the exact value stored in etcd."""
 
     def __init__(self, url: str, role: str, namespace: dict[str, Any] | None = None,
-                 instance_id: str | None = None) -> None:
+                 instance_id: str | None = None, store_segment: str = "") -> None:
         parsed = urlparse(url)
         if parsed.scheme not in ("http", "https") or not parsed.netloc:
             raise ValueError(f"advertise_url {url!r}: expected http(s)://host:port")
@@ -55,11 +55,16 @@ class InstanceRecord:
         self.role = role
         self.id = instance_id or f"{role}@{parsed.netloc}"
         self.namespace = dict(namespace or {})
+        self.store_segment = store_segment
+        """The store segment next to this engine (hot-spot replication copies prefixes there)."""
         self.key = instance_key(role, self.id)
 
     def encode(self) -> bytes:
-        return json.dumps({"url": self.url, "role": self.role, "id": self.id,
-                           "namespace": self.namespace}, sort_keys=True).encode()
+        record: dict[str, Any] = {"url": self.url, "role": self.role, "id": self.id,
+                                  "namespace": self.namespace}
+        if self.store_segment:
+            record["store_segment"] = self.store_segment
+        return json.dumps(record, sort_keys=True).encode()
 
 
 class Registration:

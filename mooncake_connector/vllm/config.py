@@ -37,6 +37,9 @@ class ConnectorSettings:
     advertise_url: str | None = None
     instance_role: str | None = None
     instance_id: str | None = None
+    store_segment: str | None = None
+    """The store segment next to this engine (its host's store node), announced in etcd so the
+    proxy's hot-spot replication can copy a prefix there before routing to this engine."""
     registration_ttl_s: float = 10.0
 
     def __post_init__(self) -> None:
@@ -94,7 +97,7 @@ class ConnectorSettings:
                 raise ValueError("kv_connector_extra_config.registration_ttl_s must be a number")
             extra["registration_ttl_s"] = float(value)
         for key in ("store_config_path", "model_id", "advertise_url", "instance_role",
-                    "instance_id"):
+                    "instance_id", "store_segment"):
             if key in extra and extra[key] is not None and not isinstance(extra[key], str):
                 raise ValueError(f"kv_connector_extra_config.{key} must be a string")
         if "tenant" in extra and not isinstance(extra["tenant"], str):

@@ -92,7 +92,7 @@ class PyMooncakeConnector(KVConnectorBase_V1):
         )
 
         record = InstanceRecord(s.advertise_url, s.instance_role or role_of_kv_role(kv_role),
-                                namespace, s.instance_id)
+                                namespace, s.instance_id, s.store_segment or "")
         try:
             return register_in_background(s.etcd_endpoints, record, ttl=s.registration_ttl_s)
         except Exception as exc:  # discovery is optional: the engine serves without it

@@ -31,7 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--instance", action="append", default=[], metavar="[ROLE=]URL",
       help="an instance with its role: prefill|decode|mixed (default mixed)")
     a("--instances-file", "--instances_file", metavar="PATH",
-      help='JSON list of {"url", "role", "id", "namespace"}')
+      help='JSON list of {"url", "role", "id", "namespace", "store_segment"}')
     a("--etcd-endpoints", "--etcd_endpoints", metavar="HOST:PORT[,HOST:PORT]",
       help="discover instances under mooncake/instances/<role>/<id> in etcd (written by the "
            "connector when its extra config names etcd_endpoints and advertise_url)")
@@ -45,7 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--namespace", help="KV key namespace as JSON (store.keys.KeyNamespace fields), as the "
                           "engines' connector uses it; optional: learned from the instances "
                           "(config file, etcd, or the first P/D answer)")
-    a("--master", help="store master host:port, for one batched existence lookup per request")
+    a("--master", help="store master host:port, for one batched existence lookup per request "
+                       "and hot-spot replication to instances that name a store_segment")
     a("--api-key", "--api_key", default=os.environ.get("MOONCAKE_PROXY_API_KEY"),
       help="require 'Authorization: Bearer KEY' from clients (env MOONCAKE_PROXY_API_KEY)")
     a("--max-in-flight", "--max_in_flight", type=int, default=1024,
@@ -87,6 +88,11 @@ def _store_lookup(address: str) -> StoreLookup:
 
 async def _run(args: argparse.Namespace) -> None:
     namespace = KeyNamespace.from_dict(json.loads(args.namespace)) if args.namespace else None
+    replicator = None
+    if args.master:
+        from scheduler.proxy.replication import StoreReplicator  # noqa: PLC0415
+
+        replicator = await StoreReplicator.create(args.master)
     proxy = Proxy(
         _instances(args),
         settings=ProxySettings(host=args.host, port=args.port, api_key=args.api_key,
@@ -98,6 +104,7 @@ async def _run(args: argparse.Namespace) -> None:
                                   kvcache_balancing_threshold=args.kvcache_balancing_threshold),
         hasher=PromptHasher(namespace, args.tokenizer),
         store_lookup=_store_lookup(args.master) if args.master else None,
+        replicator=replicator,
     )
     await proxy.start()
     logging.getLogger("mooncake.proxy").warning("mooncake-proxy listening on %s", proxy.url)
@@ -109,6 +116,8 @@ async def _run(args: argparse.Namespace) -> None:
         await stop.wait()
     finally:
         await proxy.stop()
+        if replicator is not None:
+            await replicator.close()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -45,7 +45,11 @@ def parse_record(key: str, value: bytes) -> InstanceSpec:
     namespace = data.get("namespace") or {}
     if not isinstance(namespace, dict):
         raise ValueError(f"{key}: 'namespace' must be an object")
-    return InstanceSpec(url=data["url"], role=role, id=instance_id, namespace=namespace)
+    segment = data.get("store_segment", "")
+    if not isinstance(segment, str):
+        raise ValueError(f"{key}: 'store_segment' must be a string")
+    return InstanceSpec(url=data["url"], role=role, id=instance_id, namespace=namespace,
+                        store_segment=segment)
 
 
 class EtcdDiscovery:

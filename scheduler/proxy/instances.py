@@ -38,8 +38,14 @@ class InstanceSpec:
     role: str = "mixed"
     id: str = ""
     namespace: dict[str, Any] = field(default_factory=dict)
+    store_segment: str = ""
+    """The store segment next to this engine (its local store node's): where hot-spot
+    replication puts a copy of a prefix it is about to load. Empty: never replicate to it."""
 
     def __post_init__(self) -> None:
+        if not isinstance(self.store_segment, str) or len(self.store_segment) > 256:
+            raise ValueError(f"instance {self.url}: store_segment must be a string of at most "
+                             "256 characters")
         parsed = urlparse(self.url)
         if parsed.scheme not in ("http", "https") or not parsed.netloc:
             raise ValueError(f"instance url {self.url!r}: expected http(s)://host:port")
@@ -59,7 +65,8 @@ def parse_instance(text: str, default_role: str = "mixed") -> InstanceSpec:
 
 
 def load_instances(path: str | Path) -> list[InstanceSpec]:
-    """Instances from a JSON file: ``[{"url": ..., "role": ..., "id": ..., "namespace": {...}}]``."""
+    """Instances from a JSON file: ``[{"url": ..., "role": ..., "id": ..., "namespace": {...},
+    "store_segment": ...}]``."""
     try:
         data = json.loads(Path(path).read_text())
     except (OSError, json.JSONDecodeError) as exc:
@@ -72,7 +79,7 @@ def load_instances(path: str | Path) -> list[InstanceSpec]:
     for i, item in enumerate(data):
         if not isinstance(item, dict) or "url" not in item:
             raise ValueError(f"instances file {path}: entry {i} needs at least a 'url'")
-        unknown = set(item) - {"url", "role", "id", "namespace"}
+        unknown = set(item) - {"url", "role", "id", "namespace", "store_segment"}
         if unknown:
             raise ValueError(f"instances file {path}: entry {i} has unknown keys {sorted(unknown)}")
         specs.append(InstanceSpec(**item))
@@ -103,6 +110,10 @@ class Instance:
     @property
     def role(self) -> str:
         return self.spec.role
+
+    @property
+    def store_segment(self) -> str:
+        return self.spec.store_segment
 
 
 class InstancePool:

@@ -38,6 +38,7 @@ from .demote import serve_demotions
 from .holdings import Announcer, Holdings, take_announcements
 from .integrity import TRAILER_SIZE, check_trailer, make_trailer
 from .locations import LocationCache, order_replicas
+from .replicate import check_segment, replicate
 from .transfers import Piece, move
 
 __all__ = ["AsyncStoreClient", "Piece"]
@@ -495,6 +496,24 @@ class AsyncStoreClient:
             return await self.master.batch_remove(list(keys))
         except Exception as e:
             raise as_store_error(e) from None
+
+    async def replicate(self, keys: Sequence[str], segment: str) -> list[int]:
+        """Add a replica of each complete object on ``segment`` (see :mod:`.replicate`);
+        per-key codes, 0 = published there. Invalid keys get INVALID_KEY without a call."""
+        self._check_open()
+        check_segment(segment)
+        codes = [0] * len(keys)
+        valid = []
+        for i, key in enumerate(keys):
+            err = _check_key(key)
+            if err is None:
+                valid.append(i)
+            else:
+                codes[i] = err.code
+        got = await replicate(self, [keys[i] for i in valid], segment)
+        for i, code in zip(valid, got):
+            codes[i] = code
+        return codes
 
     async def remove_all(self, force: bool = False) -> int:
         self._check_open()

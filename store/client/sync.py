@@ -250,6 +250,11 @@ class StoreClient:
     def batch_remove(self, keys: Sequence[str], force: bool = False) -> list[int]:
         return list(self._run(self.core.remove(list(keys), force)))
 
+    def replicate(self, keys: Sequence[str], segment: str) -> list[int]:
+        """Add a replica of each complete object on ``segment``; per-key codes (0 = added).
+        What the Conductor calls to make a hot prefix local to the instance it chose."""
+        return list(self._run(self.core.replicate(list(keys), segment)))
+
     def remove_all(self, force: bool = False) -> int:
         return int(self._run(self.core.remove_all(force)))
 

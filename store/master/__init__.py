@@ -2,7 +2,7 @@
 
 Modules, one concept each: :mod:`.allocator` (per-segment offset allocator), :mod:`.segments`
 (mounted segments, placement), :mod:`.objects` (two-phase puts, replicas, leases, pins, LRU),
-:mod:`.eviction`, :mod:`.demotion` (the SSD tier), :mod:`.liveness` (heartbeats, dead clients, stale puts), :mod:`.service` (RPC
+:mod:`.eviction`, :mod:`.demotion` (the SSD tier), :mod:`.replication` (adding a replica on a chosen segment), :mod:`.liveness` (heartbeats, dead clients, stale puts), :mod:`.service` (RPC
 handlers), :mod:`.messages` (wire structs), :mod:`.errors`, :mod:`.metrics`, :mod:`.ha` (leader
 election, :func:`find_master`), :mod:`.server` (the assembled process), :mod:`.client`.
 """

@@ -31,6 +31,8 @@ from .messages import (
     BatchKeysRequest,
     BatchPutStartReply,
     BatchPutStartRequest,
+    BatchReplicaStartReply,
+    BatchReplicaStartRequest,
     CodesReply,
     DemoteEndReply,
     DemoteEndRequest,
@@ -56,6 +58,8 @@ from .messages import (
     RemoveRequest,
     ReplicaDesc,
     ReplicateConfig,
+    ReplicaStartReply,
+    ReplicaStartRequest,
     SegmentDesc,
     StatsReply,
     StatsRequest,
@@ -183,6 +187,32 @@ class MasterClient:
         return (await self.call("batch_put_revoke", OwnedKeysRequest(client_id, keys),
                                 CodesReply)).codes
 
+    # -- added replicas (hot-spot replication, see .replication) ------------------------------
+
+    async def replica_start(self, client_id: str, key: str, segment: str) -> ReplicaStartReply:
+        """Reserve a replica of ``key`` on ``segment``: where to copy to, and from."""
+        req = ReplicaStartRequest(client_id=client_id, key=key, segment=segment)
+        return await self.call("replica_start", req, ReplicaStartReply)
+
+    async def replica_end(self, client_id: str, key: str) -> None:
+        await self.call("replica_end", OwnedKeyRequest(client_id, key), OkReply)
+
+    async def replica_revoke(self, client_id: str, key: str) -> None:
+        await self.call("replica_revoke", OwnedKeyRequest(client_id, key), OkReply)
+
+    async def batch_replica_start(self, client_id: str, keys: list[str],
+                                  segment: str) -> BatchReplicaStartReply:
+        req = BatchReplicaStartRequest(client_id=client_id, keys=keys, segment=segment)
+        return await self.call("batch_replica_start", req, BatchReplicaStartReply)
+
+    async def batch_replica_end(self, client_id: str, keys: list[str]) -> list[int]:
+        return (await self.call("batch_replica_end", OwnedKeysRequest(client_id, keys),
+                                CodesReply)).codes
+
+    async def batch_replica_revoke(self, client_id: str, keys: list[str]) -> list[int]:
+        return (await self.call("batch_replica_revoke", OwnedKeysRequest(client_id, keys),
+                                CodesReply)).codes
+
     # -- reads and removal ---------------------------------------------------------------------
 
     async def get_replica_list(self, key: str) -> GetReplicaListReply:
@@ -277,6 +307,25 @@ class SyncMasterClient:
 
     def batch_put_revoke(self, client_id: str, keys: list[str]) -> list[int]:
         return self._run(self.client.batch_put_revoke(client_id, keys))
+
+    def replica_start(self, client_id: str, key: str, segment: str) -> ReplicaStartReply:
+        return self._run(self.client.replica_start(client_id, key, segment))
+
+    def replica_end(self, client_id: str, key: str) -> None:
+        self._run(self.client.replica_end(client_id, key))
+
+    def replica_revoke(self, client_id: str, key: str) -> None:
+        self._run(self.client.replica_revoke(client_id, key))
+
+    def batch_replica_start(self, client_id: str, keys: list[str],
+                            segment: str) -> BatchReplicaStartReply:
+        return self._run(self.client.batch_replica_start(client_id, keys, segment))
+
+    def batch_replica_end(self, client_id: str, keys: list[str]) -> list[int]:
+        return self._run(self.client.batch_replica_end(client_id, keys))
+
+    def batch_replica_revoke(self, client_id: str, keys: list[str]) -> list[int]:
+        return self._run(self.client.batch_replica_revoke(client_id, keys))
 
     def get_replica_list(self, key: str) -> GetReplicaListReply:
         return self._run(self.client.get_replica_list(key))

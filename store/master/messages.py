@@ -43,6 +43,11 @@ __all__ = [
     "RemountObject",
     "ReplicaDesc",
     "ReplicaListItem",
+    "BatchReplicaStartReply",
+    "BatchReplicaStartRequest",
+    "ReplicaStartItem",
+    "ReplicaStartReply",
+    "ReplicaStartRequest",
     "ReplicateConfig",
     "SegmentDesc",
     "StatsReply",
@@ -261,6 +266,39 @@ class DemoteEndRequest(msgspec.Struct):
 class DemoteEndReply(msgspec.Struct):
     published: list[int]
     """Ids whose file replica is now published (the others were abandoned or unknown)."""
+
+
+class ReplicaStartRequest(msgspec.Struct, kw_only=True):
+    """Add one replica of the complete object ``key`` on ``segment`` (see :mod:`.replication`)."""
+
+    client_id: str
+    key: str
+    segment: str
+
+
+class ReplicaStartReply(msgspec.Struct):
+    target: ReplicaDesc
+    """Reserved, hidden from readers: copy the object here, then ``replica_end``."""
+    sources: list[ReplicaDesc]
+    """The object's complete replicas (leased for ``lease_ttl_ms``): copy from one of them."""
+    lease_ttl_ms: int
+
+
+class BatchReplicaStartRequest(msgspec.Struct, kw_only=True):
+    client_id: str
+    keys: list[str]
+    segment: str
+
+
+class ReplicaStartItem(msgspec.Struct, array_like=True):
+    code: int
+    target: ReplicaDesc | None
+    sources: list[ReplicaDesc]
+
+
+class BatchReplicaStartReply(msgspec.Struct):
+    items: list[ReplicaStartItem]
+    lease_ttl_ms: int
 
 
 class CodesReply(msgspec.Struct):

@@ -46,6 +46,19 @@ class Segment:
     def is_memory(self) -> bool:
         return self.tier == TIER_MEMORY
 
+    def place_one(self, key: str, size: int) -> int | None:
+        """Allocate ``size`` bytes for ``key`` here (a replica added to an existing object);
+        the offset, or ``None`` if this segment has no room."""
+        alloc = self.allocator
+        if alloc.capacity - alloc.used < size:
+            return None
+        try:
+            offset = alloc.allocate(size)
+        except OutOfSpace:
+            return None
+        self.owners[offset] = key
+        return offset
+
 
 def validate_segment(desc: SegmentDesc) -> None:
     """Reject descriptors that could not describe real memory, with INVALID_PARAMS."""

@@ -133,6 +133,7 @@ class MasterServer:
             try:
                 self.clients.sweep()
                 self.evictor.demoter.expire()
+                self.service.replications.reclaim_stale(m.put_start_timeout)
                 self.evictor.run()
             except Exception:
                 logger.exception("master sweep failed")

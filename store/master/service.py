@@ -24,6 +24,8 @@ from .messages import (
     BatchKeysRequest,
     BatchPutStartReply,
     BatchPutStartRequest,
+    BatchReplicaStartReply,
+    BatchReplicaStartRequest,
     CodesReply,
     DemoteEndReply,
     DemoteEndRequest,
@@ -46,6 +48,9 @@ from .messages import (
     RemoveAllRequest,
     RemoveRequest,
     ReplicaListItem,
+    ReplicaStartItem,
+    ReplicaStartReply,
+    ReplicaStartRequest,
     StatsReply,
     StatsRequest,
     TakeDemotionsReply,
@@ -54,6 +59,7 @@ from .messages import (
     UnmountSegmentRequest,
 )
 from .objects import ObjectStore
+from .replication import Replications
 
 __all__ = ["MasterService"]
 
@@ -79,6 +85,7 @@ class MasterService:
         self.store = store
         self.clients = clients
         self.evictor = evictor
+        self.replications = Replications(store)
         self.view_version = random.getrandbits(62) | 1
         self.serving = True
         """Cleared when this master loses leadership: every call then fails clearly."""
@@ -105,6 +112,13 @@ class MasterService:
             ("batch_remove", KeysRequest, CodesReply, self.batch_remove),
             ("remove_all", RemoveAllRequest, RemoveAllReply, self.remove_all),
             ("stats", StatsRequest, StatsReply, self.stats),
+            ("replica_start", ReplicaStartRequest, ReplicaStartReply, self.replica_start),
+            ("replica_end", OwnedKeyRequest, OkReply, self.replica_end),
+            ("replica_revoke", OwnedKeyRequest, OkReply, self.replica_revoke),
+            ("batch_replica_start", BatchReplicaStartRequest, BatchReplicaStartReply,
+             self.batch_replica_start),
+            ("batch_replica_end", OwnedKeysRequest, CodesReply, self.batch_replica_end),
+            ("batch_replica_revoke", OwnedKeysRequest, CodesReply, self.batch_replica_revoke),
             ("take_demotions", TakeDemotionsRequest, TakeDemotionsReply, self.take_demotions),
             ("demote_end", DemoteEndRequest, DemoteEndReply, self.demote_end),
         ]
@@ -198,6 +212,41 @@ class MasterService:
 
     def batch_put_revoke(self, req: OwnedKeysRequest) -> CodesReply:
         return CodesReply(_each(self.store.put_revoke, req.client_id, req.keys))
+
+    # -- added replicas (see .replication) -----------------------------------------------------
+
+    def replica_start(self, req: ReplicaStartRequest) -> ReplicaStartReply:
+        self.evictor.run()
+        target, sources = self.replications.start(req.client_id, req.key, req.segment)
+        return ReplicaStartReply(target, sources, self.store.lease_ttl_ms)
+
+    def replica_end(self, req: OwnedKeyRequest) -> OkReply:
+        self.replications.end(req.client_id, req.key)
+        return _OK_REPLY
+
+    def replica_revoke(self, req: OwnedKeyRequest) -> OkReply:
+        self.replications.revoke(req.client_id, req.key)
+        return _OK_REPLY
+
+    def batch_replica_start(self, req: BatchReplicaStartRequest) -> BatchReplicaStartReply:
+        _check_batch(len(req.keys))
+        self.evictor.run()
+        start = self.replications.start
+        now = self.store.clock()
+        items = []
+        for key in req.keys:
+            try:
+                target, sources = start(req.client_id, key, req.segment, now)
+                items.append(ReplicaStartItem(_OK, target, sources))
+            except MasterError as e:
+                items.append(ReplicaStartItem(int(e.code), None, []))
+        return BatchReplicaStartReply(items, self.store.lease_ttl_ms)
+
+    def batch_replica_end(self, req: OwnedKeysRequest) -> CodesReply:
+        return CodesReply(_each(self.replications.end, req.client_id, req.keys))
+
+    def batch_replica_revoke(self, req: OwnedKeysRequest) -> CodesReply:
+        return CodesReply(_each(self.replications.revoke, req.client_id, req.keys))
 
     # -- reads --------------------------------------------------------------------------------
 
