@@ -12,7 +12,6 @@ decoder (the server process for live targets, this process for pure decoders).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import sys

@@ -12,7 +12,6 @@ through ``MOONCAKE_CONFIG_PATH`` or the connector's ``store_config_path`` extra 
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
