@@ -9,6 +9,8 @@ Measures, with each server in its own process:
   :mod:`transfer.rpc.testing`'s server: sequential round trips (p50/p99) and calls/s with
   ``--inflight`` calls outstanding.
 * ``rpc_sync``: :class:`transfer.rpc.SyncRpcClient` called from a plain (non-loop) thread.
+* ``rpc_blocking``: :class:`transfer.rpc.BlockingRpcClient` (same protocol on the caller's own
+  socket, no loop hop), called from a plain thread.
 * ``sync_via_run_coroutine_threadsafe``: the naive sync wrapper
   (``BackgroundLoop.run(client.call(...))``), for comparison with the path we chose.
 
@@ -36,7 +38,7 @@ from typing import Any
 
 import msgspec
 
-from transfer.rpc import BackgroundLoop, RpcClient, SyncRpcClient, new_event_loop
+from transfer.rpc import BackgroundLoop, BlockingRpcClient, RpcClient, SyncRpcClient, new_event_loop
 from transfer.rpc.testing import Echo, RpcServerProcess
 from transfer.testing import stop_process
 
@@ -198,12 +200,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         sync = SyncRpcClient("127.0.0.1", rpc_proc.port, loop=background)
         sync.connect()
         naive = RpcClient("127.0.0.1", rpc_proc.port)
+        blocking = BlockingRpcClient("127.0.0.1", rpc_proc.port)
 
         async def rpc_call(msg: Echo) -> Echo:
             return await client.call("echo", msg, Echo)
 
         def sync_call(msg: Echo) -> Echo:
             return sync.call("echo", msg, Echo)
+
+        def blocking_call(msg: Echo) -> Echo:
+            return blocking.call("echo", msg, Echo)
 
         def naive_call(msg: Echo) -> Echo:
             return background.run(naive.call("echo", msg, Echo))
@@ -216,9 +222,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 results[name].append({**lat, "calls_per_s": tput})
             results["rpc_sync"].append(
                 _sync_sequential(sync_call, args.calls, args.warmup, payload))
+            results["rpc_blocking"].append(
+                _sync_sequential(blocking_call, args.calls, args.warmup, payload))
             results["sync_via_run_coroutine_threadsafe"].append(
                 _sync_sequential(naive_call, args.calls // 2, args.warmup, payload))
         sync.close()
+        blocking.close()
         background.run(naive.close())
         loop.run_until_complete(client.close())
     finally:
@@ -244,6 +253,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         f"rpc_async_p50_within_{TARGET_ASYNC_RATIO}x_floor": async_ratio <= TARGET_ASYNC_RATIO,
         f"rpc_sync_p50_below_{TARGET_SYNC_P50_US:g}us":
             out["rpc_sync"]["p50_us"] < TARGET_SYNC_P50_US,
+        f"rpc_blocking_p50_below_{TARGET_SYNC_P50_US:g}us":
+            out["rpc_blocking"]["p50_us"] < TARGET_SYNC_P50_US,
     }
     out["config"] = {
         "calls": args.calls, "warmup": args.warmup, "rounds": args.rounds,
@@ -259,7 +270,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 def print_table(out: dict[str, Any]) -> None:
     print(f"{'':36} {'p50 us':>9} {'p99 us':>9} {'calls/s':>10}")
-    for name in ("floor", "rpc_async", "rpc_sync", "sync_via_run_coroutine_threadsafe"):
+    for name in ("floor", "rpc_async", "rpc_sync", "rpc_blocking",
+                 "sync_via_run_coroutine_threadsafe"):
         r = out[name]
         tput = f"{r['calls_per_s']:>10.0f}" if "calls_per_s" in r else f"{'':>10}"
         print(f"{name:36} {r['p50_us']:>9.1f} {r['p99_us']:>9.1f} {tput}")
