@@ -213,3 +213,29 @@ async def test_overload_answers_503(engines):
         assert codes.count(200) == 2 and codes.count(503) == 3
     finally:
         await proxy.stop()
+
+
+async def test_block_index_stays_bounded(engines):
+    """Every prompt adds its blocks to the instance's index; beyond the bound the least recently
+    used are forgotten, so a long-running proxy's memory does not grow without limit."""
+    from scheduler.proxy.prompt import PromptHasher
+    from store.keys import KeyNamespace
+
+    ns = KeyNamespace(model="mini", kv_dtype="bf16", kv_layout="x", block_size=512)
+    proxy = await _proxy([InstanceSpec(engines[0].url, "mixed", id="m")],
+                         settings=ProxySettings(port=0, health_interval=0.2,
+                                                index_capacity_blocks=8),
+                         hasher=PromptHasher(ns))
+    try:
+        async with httpx.AsyncClient(base_url=proxy.url, timeout=10) as client:
+            for i in range(6):  # token-id prompts: 3 full 512-token blocks each, all different
+                prompt = [1000 * i + j for j in range(3 * 512)]
+                r = await client.post("/v1/completions",
+                                      json={"model": "mini", "prompt": prompt, "max_tokens": 1})
+                assert r.status_code == 200
+        index = proxy.conductor.pool.index("m")
+        assert len(index) == 8  # 18 blocks were served; the first ones were forgotten
+        last = [1000 * 5 + j for j in range(3 * 512)]
+        assert proxy.hasher.analyze({"prompt": last}, chat=False).block_keys[0] in index
+    finally:
+        await proxy.stop()

@@ -74,6 +74,9 @@ class ProxySettings:
     discovery_interval: float = 1.0
     max_replications: int = 4
     """Hot-spot replications in flight at once; more are dropped (they are an optimisation)."""
+    index_capacity_blocks: int = 1_000_000
+    """Bound of each instance's (and the store's) block index: the least recently used blocks
+    are forgotten beyond it, so the proxy's memory stays bounded however long it runs."""
 
 
 _decode = msgspec.json.Decoder().decode
@@ -111,7 +114,8 @@ class Proxy:
         if base.block_tokens != self.hasher.block_tokens:
             base = replace(base, block_tokens=self.hasher.block_tokens)
         self.conductor = Conductor(base)
-        self.conductor.add_instance(InstanceInfo(STORE_ID, Role.STORE))
+        self.conductor.add_instance(InstanceInfo(
+            STORE_ID, Role.STORE, cache_capacity_blocks=self.settings.index_capacity_blocks))
         self.store_lookup = store_lookup
         self.replicator = replicator
         self.metrics = ProxyMetrics()
@@ -231,7 +235,8 @@ class Proxy:
         role = {"prefill": Role.PREFILL, "decode": Role.DECODE, "mixed": Role.MIXED}[inst.role]
         if inst.healthy:
             if inst.id not in self.conductor.instances:
-                self.conductor.add_instance(InstanceInfo(inst.id, role))
+                self.conductor.add_instance(InstanceInfo(
+                    inst.id, role, cache_capacity_blocks=self.settings.index_capacity_blocks))
         elif inst.id in self.conductor.instances:
             for request_id in self.conductor.remove_instance(inst.id):
                 log.info("request %s lost its instance %s", request_id, inst.id)

@@ -51,6 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
       help="require 'Authorization: Bearer KEY' from clients (env MOONCAKE_PROXY_API_KEY)")
     a("--max-in-flight", "--max_in_flight", type=int, default=1024,
       help="requests in flight before answering 503")
+    a("--index-capacity-blocks", "--index_capacity_blocks", type=int, default=1_000_000,
+      help="blocks remembered per instance (LRU beyond it), so memory stays bounded")
     a("--request-timeout", "--request_timeout", type=float, default=600.0,
       help="upper bound of one upstream request, in seconds")
     a("--log-level", "--log_level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
@@ -97,6 +99,7 @@ async def _run(args: argparse.Namespace) -> None:
         _instances(args),
         settings=ProxySettings(host=args.host, port=args.port, api_key=args.api_key,
                                max_in_flight=args.max_in_flight,
+                               index_capacity_blocks=args.index_capacity_blocks,
                                request_timeout=args.request_timeout,
                                etcd_endpoints=args.etcd_endpoints),
         conductor=ConductorConfig(policy=args.policy, rejection=args.rejection,
