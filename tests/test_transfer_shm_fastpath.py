@@ -1,11 +1,14 @@
 """The shm fast path: whole batches checked and copied as merged runs, same results as always."""
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 import pytest
-from _transfer_util import engines, pattern
+from _transfer_util import config, engines, pattern
 
 from transfer.batch import RequestStatus, TransferRequest
+from transfer.engine import Engine
 from transfer.shm import SharedBuffer
 from transfer.errors import AddressError
 from transfer.transports.base import Opcode
@@ -105,3 +108,45 @@ async def test_bad_requests_still_get_precise_errors(bad: str) -> None:
         with pytest.raises(AddressError, match=match):
             await a.submit(reqs)
         assert (array(remote) == 7).all()  # nothing moved
+
+
+def test_blocking_caller_copies_on_its_own_thread() -> None:
+    """``transfer_blocking`` plans and copies fast-path batches on the caller's thread: it
+    finishes while the engine's loop is blocked, small (inline) and big (split) alike."""
+    size = 12 << 20  # above INLINE_COPY_BYTES: the big batch also uses the copy threads
+    a, b = Engine(config()).start_in(), Engine(config()).start_in()
+    release = threading.Event()
+    try:
+        local = a.run(a.allocate_shared(size))
+        remote = b.run(b.allocate_shared(size))
+        array(local)[:] = pattern(size, 5)
+        block = 64 << 10
+        small = [TransferRequest(Opcode.WRITE, local.address + i * block, b.name,
+                                 remote.address + i * block, block) for i in range(16)]
+        a.transfer_blocking(small, timeout=5)  # opens the segment (on the loop)
+        big = [TransferRequest(Opcode.WRITE, local.address + i * block, b.name,
+                               remote.address + i * block, block) for i in range(size // block)]
+        a._background.loop.call_soon_threadsafe(release.wait, 10)  # the loop hangs here
+        results = a.transfer_blocking(big, timeout=5)
+        assert not release.is_set()
+        assert [(r.status, r.transferred, r.error) for r in results] == \
+            [(RequestStatus.COMPLETED, block, None)] * len(big)
+        assert np.array_equal(array(remote), pattern(size, 5))
+        release.set()
+        array(local)[:] = 0
+        back = [TransferRequest(Opcode.READ, r.local_addr, r.segment, r.remote_addr, r.length)
+                for r in small]
+        a.transfer_blocking(back, timeout=5)
+        assert np.array_equal(array(local)[:16 * block], pattern(size, 5)[:16 * block])
+        # A bad request still gets the general path's precise error, and nothing moves.
+        array(remote)[:] = 7
+        bad = small[:3] + [TransferRequest(Opcode.WRITE, local.address, b.name,
+                                           remote.address + size - 10, block)]
+        with pytest.raises(AddressError, match="request 3: remote"):
+            a.transfer_blocking(bad, timeout=5)
+        assert (array(remote) == 7).all()
+        assert a.stats()["tcp_connects"] == 0
+    finally:
+        release.set()
+        a.close_in()
+        b.close_in()

@@ -186,17 +186,29 @@ class TransferEngine:
 
     # -- transfers ----------------------------------------------------------------------------
 
-    def _submit(self, target: str, buffers: Sequence[int], peers: Sequence[int],
-                lengths: Sequence[int], opcode: int, notify: TransferNotify | None = None) -> Batch:
+    @staticmethod
+    def _requests(target: str, buffers: Sequence[int], peers: Sequence[int],
+                  lengths: Sequence[int], opcode: int) -> list[TransferRequest]:
         if not (len(buffers) == len(peers) == len(lengths)) or not buffers:
             raise ValueError("buffers, peer addresses and lengths must be equally long, non-empty")
         op = Opcode(int(opcode))
-        reqs = [TransferRequest(op, b, target, p, n) for b, p, n in zip(buffers, peers, lengths)]
+        return [TransferRequest(op, b, target, p, n) for b, p, n in zip(buffers, peers, lengths)]
+
+    def _submit(self, target: str, buffers: Sequence[int], peers: Sequence[int],
+                lengths: Sequence[int], opcode: int, notify: TransferNotify | None = None) -> Batch:
+        reqs = self._requests(target, buffers, peers, lengths, opcode)
         message = None if notify is None else (notify.msg or "")
         return self._run(self._engine.submit(reqs, notify=message))
 
     def _sync(self, *args: Any, notify: TransferNotify | None = None) -> int:
         try:
+            if notify is None:
+                # Engine.transfer_blocking runs fast-path batches on this thread (no loop hop).
+                reqs = self._requests(*args)
+                if self._engine is None:
+                    raise RuntimeError("TransferEngine is not initialized")
+                self._engine.transfer_blocking(reqs, timeout=self._timeout)
+                return ErrorCode.OK
             batch = self._submit(*args, notify=notify)
             self._run(batch.wait())
             batch.raise_for_status()

@@ -364,15 +364,21 @@ class Engine(Registration):
 
     def transfer_blocking(self, requests: Sequence[TransferRequest], *,
                           timeout: float | None = None) -> list[RequestResult]:
-        """:meth:`transfer` for a thread that is not the loop's. A small tcp batch to a known
-        peer runs right on this thread (no hop to the loop and back, ~70 us here)."""
+        """:meth:`transfer` for a thread that is not the loop's. An shm fast-path batch or a
+        small tcp batch to a known peer runs right on this thread (no hop to the loop and
+        back, ~100 us here); anything else, including every error, takes the loop's path."""
         first = requests[0] if requests else None
-        if (self._small is not None and type(first) is TransferRequest and self._running
-                and isinstance(first.segment, str)):
+        if type(first) is TransferRequest and self._running and isinstance(first.segment, str):
             peer = self._cache.lookup(first.segment)
-            if peer is not None and self._small.try_blocking(requests, peer):
-                return [RequestResult(RequestStatus.COMPLETED, r.length) for r in requests]
-        return self.run(self.transfer(requests, timeout=timeout))
+            if peer is not None:
+                if self._fast is not None and self._can_reach(peer, "shm"):
+                    plan = self._fast.run_blocking(requests, peer)
+                    if plan is not None:
+                        return list(map(RequestResult, itertools.repeat(RequestStatus.COMPLETED),
+                                        plan.lengths))
+                if self._small is not None and self._small.try_blocking(requests, peer):
+                    return [RequestResult(RequestStatus.COMPLETED, r.length) for r in requests]
+        return self.run(self.transfer(requests, timeout=timeout), timeout)
 
     def batch(self, batch_id: int) -> Batch | None:
         return self._batches.get(batch_id)

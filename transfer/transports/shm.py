@@ -66,6 +66,16 @@ class ShmTransport(Transport):
         await asyncio.gather(*(loop.run_in_executor(self._executor, copy_runs, part)
                                for part in parts))
 
+    def copy_runs_blocking(self, parts: Sequence[Sequence[tuple[int, int, int]]]) -> None:
+        """:meth:`copy_runs` for a thread that is not the loop's: the first part is copied on
+        the calling thread (it would only wait otherwise), the others on worker threads."""
+        futures = [self._executor.submit(copy_runs, part) for part in parts[1:]]
+        try:
+            copy_runs(parts[0])
+        finally:
+            for future in futures:
+                future.result()
+
     def _copy(self, peer_buffers: Sequence[Mapping[str, Any]], slices: Sequence[Slice]) -> None:
         for s in slices:
             try:
