@@ -58,6 +58,7 @@ class StoreNode:
                                        local_buffer_size=min(self.config.local_buffer_size,
                                                              1 << 20))
         await self.client.start()
+        await self.client.prefaulted()
         if self.ssd_size:
             os.makedirs(self.ssd_dir, exist_ok=True)
             self.ssd_path = os.path.join(self.ssd_dir, f"mooncake-ssd-{os.getpid()}.seg")

@@ -18,6 +18,7 @@ blocking facade for threads (vLLM workers).
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import uuid
@@ -38,6 +39,7 @@ from .demote import serve_demotions
 from .holdings import Announcer, Holdings, take_announcements
 from .integrity import TRAILER_SIZE, check_trailer, make_trailer
 from .locations import LocationCache, order_replicas
+from .prefault import Prefaulter
 from .replicate import check_segment, replicate
 from .transfers import Piece, move
 
@@ -87,6 +89,11 @@ class AsyncStoreClient:
         self._buffers: list[Any] = []
         self._announcer: Announcer | None = None
         self._heartbeat: asyncio.Task[None] | None = None
+        self._prefault: Prefaulter | None = None
+        self.direct_puts: collections.deque[tuple[str, list[tuple[str, int, int]]]] = (
+            collections.deque())
+        """``(key, [(segment, address, size)])`` of puts done on caller threads (:mod:`.direct`),
+        appended there without waking the loop; applied on the next heartbeat tick."""
         self._offload = False
         """The master's SSD tier is on (from ping): poll for demotions of our memory."""
         self._started = False
@@ -110,6 +117,8 @@ class AsyncStoreClient:
             if self.global_segment_size > 0:
                 seg = await engine.allocate_shared(self.global_segment_size)
                 self._buffers.append(seg)
+                # Fault the pages in now, not on each put's critical path (see .prefault).
+                self._prefault = Prefaulter(seg.address, self.global_segment_size).start()
                 await self.mount(SegmentDesc(name=engine.name, base=seg.address,
                                              size=self.global_segment_size,
                                              client_id=self.client_id, host_id=self._host))
@@ -118,6 +127,14 @@ class AsyncStoreClient:
             raise
         self._heartbeat = asyncio.get_running_loop().create_task(self._heartbeat_loop())
         return self
+
+    async def prefaulted(self, timeout: float = 10.0) -> bool:
+        """Wait (at most ``timeout`` s) until the contributed memory's pages are faulted in
+        (see :mod:`.prefault`): a long-lived node does before it reports ready, so no put pays
+        the first touch. Population goes on in the background after a timeout."""
+        if self._prefault is None:
+            return True
+        return await asyncio.to_thread(self._prefault.done.wait, timeout)
 
     async def mount(self, desc: SegmentDesc) -> None:
         """Contribute a registered range (memory, or a file segment for the SSD tier)."""
@@ -139,6 +156,7 @@ class AsyncStoreClient:
             self._heartbeat.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._heartbeat
+        self._record_direct_puts()
         if self._announcer is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._announcer.flush(), 2.0)
@@ -147,6 +165,8 @@ class AsyncStoreClient:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self.master.unmount_segment(self.client_id, desc.name), 5.0)
         await self.master.close()
+        if self._prefault is not None:
+            await asyncio.to_thread(self._prefault.stop)
         for buf in self._buffers:
             with contextlib.suppress(Exception):
                 await self.engine.free_shared(buf)
@@ -160,6 +180,7 @@ class AsyncStoreClient:
         next_ping = loop.time()
         while True:
             await asyncio.sleep(tick)
+            self._record_direct_puts()
             self._drain_announcements()
             if not self.segments:
                 continue
@@ -182,6 +203,18 @@ class AsyncStoreClient:
                 raise
             except Exception as e:
                 logger.warning("store heartbeat failed: %s", e)
+
+    def _record_direct_puts(self) -> None:
+        """The bookkeeping ``put_pieces`` does after a put, for caller-thread puts: a loop
+        wake-up per put would cost the caller's thread the GIL on a 2-core box."""
+        records = self.direct_puts
+        while records:
+            key, replicas = records.popleft()
+            for segment, address, size in replicas:
+                if segment in self._local_segments:
+                    self.holdings[segment].add_object(key, address, size)
+                elif self._announcer is not None:
+                    self._announcer.add(segment, key, address, size)
 
     def _drain_announcements(self) -> None:
         """Apply writers' announcements to our holdings. Only a client that holds a segment
