@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import re
 import subprocess
 import sys
 import tempfile
@@ -35,15 +34,6 @@ DOCUMENT = (
     "cache is, rejecting early what cannot meet its latency objectives. "
 ) * 6
 QUESTIONS = ["What is kept in the pool?", "Who computes the prompt?", "What does the Conductor do?"]
-
-
-def _external_tokens(url: str) -> float:
-    """Prompt tokens this engine loaded through its KV connector (vLLM's own counter)."""
-    with urllib.request.urlopen(f"{url}/metrics", timeout=10) as r:
-        text = r.read().decode()
-    m = re.search(r'^vllm:prompt_tokens_by_source_total\{[^}]*source="external_kv_transfer"'
-                  r'[^}]*\} ([0-9.e+]+)$', text, re.M)
-    return float(m.group(1)) if m else 0.0
 
 
 def _connector(role: str, config_path: Path) -> dict:
@@ -103,7 +93,7 @@ def main() -> None:
 
         client = OpenAI(base_url=f"{proxy_url}/v1", api_key="unused", max_retries=0, timeout=120)
         for i, question in enumerate(QUESTIONS, 1):
-            before = _external_tokens(decode.url)
+            before = decode.external_kv_tokens()
             t0 = time.perf_counter()
             ttft, text = None, []
             stream = client.completions.create(model="tiny", prompt=DOCUMENT + question,
@@ -113,7 +103,7 @@ def main() -> None:
                 if ttft is None:
                     ttft = time.perf_counter() - t0
                 text.append(chunk.choices[0].text if chunk.choices else "")
-            loaded = _external_tokens(decode.url) - before
+            loaded = decode.external_kv_tokens() - before
             print(f"request {i}: {question!r}")
             print(f"  answer   {''.join(text)!r}")
             cold = " (cold: first connections and first save)" if i == 1 else ""

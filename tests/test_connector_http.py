@@ -11,8 +11,6 @@ the prompt from the store.
 from __future__ import annotations
 
 import random
-import re
-import urllib.request
 import uuid
 from pathlib import Path
 
@@ -53,12 +51,7 @@ def servers(tiny_model: Path, cluster: StoreCluster, tmp_path_factory: pytest.Te
 
 
 def _external_tokens(server: VllmServer) -> float:
-    with urllib.request.urlopen(f"{server.url}/metrics", timeout=10) as r:
-        text = r.read().decode()
-    m = re.search(r'^vllm:prompt_tokens_by_source_total\{[^}]*source="external_kv_transfer"[^}]*\} '
-                  r'([0-9.e+]+)$', text, re.M)
-    assert m, "vllm:prompt_tokens_by_source_total{source=external_kv_transfer} not exported"
-    return float(m.group(1))
+    return server.external_kv_tokens()
 
 
 def test_pd_over_http_with_openai_client(servers) -> None:

@@ -13,13 +13,13 @@ from __future__ import annotations
 import asyncio
 import json
 import random
-import re
 from pathlib import Path
 
 import httpx
 import pytest
 
 from mooncake_connector.testing import VllmServer
+from mooncake_connector.testing.vllm_engines import external_kv_tokens
 from mooncake_connector.testing.store_cluster import StoreCluster
 from scheduler.proxy import Proxy, ProxySettings
 from scheduler.proxy.app import StoreLookup
@@ -85,11 +85,7 @@ async def _proxy(tiny_model: Path, cluster: StoreCluster, etcd_endpoint: str) ->
 
 
 async def _external_tokens(client: httpx.AsyncClient, url: str) -> float:
-    text = (await client.get(f"{url}/metrics")).text
-    m = re.search(r'^vllm:prompt_tokens_by_source_total\{[^}]*source="external_kv_transfer"[^}]*\} '
-                  r'([0-9.e+]+)$', text, re.M)
-    assert m, "vllm:prompt_tokens_by_source_total{source=external_kv_transfer} not exported"
-    return float(m.group(1))
+    return external_kv_tokens((await client.get(f"{url}/metrics")).text)
 
 
 def _sse_text(raw: str, chat: bool) -> str:

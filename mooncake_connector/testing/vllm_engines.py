@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -20,7 +21,8 @@ from typing import Any, Sequence
 
 from transfer.testing import free_port, stop_process_group, tail_file
 
-__all__ = ["VllmServer", "cpu_engine_env", "run_offline", "DEFAULT_ENGINE_ARGS"]
+__all__ = ["VllmServer", "cpu_engine_env", "run_offline", "DEFAULT_ENGINE_ARGS",
+           "external_kv_tokens"]
 
 # Flags every CPU test engine shares: block_size a multiple of 32 (CPU attention), eager mode
 # (no graph capture to wait for), a short context so the 1 GiB KV space holds many blocks.
@@ -43,6 +45,24 @@ def cpu_engine_env(base: dict[str, str] | None = None, **extra: str) -> dict[str
     env.setdefault("OMP_NUM_THREADS", "1")
     env.update(extra)
     return env
+
+
+_EXTERNAL_KV = re.compile(r'^vllm:prompt_tokens_by_source_total\{[^}]*source="external_kv_transfer"'
+                          r'[^}]*\} ([0-9.e+]+)$', re.M)
+
+
+def external_kv_tokens(metrics_text: str) -> float:
+    """Prompt tokens an engine loaded through its KV connector, from its Prometheus text.
+
+    vLLM's own counter ``vllm:prompt_tokens_by_source{source="external_kv_transfer"}`` is the
+    honest proof that a connector loaded KV (``num_cached_tokens`` does not say it under P/D).
+    Raises LookupError when the engine does not export it (no connector configured).
+    """
+    m = _EXTERNAL_KV.search(metrics_text)
+    if m is None:
+        raise LookupError("vllm:prompt_tokens_by_source_total{source=external_kv_transfer} "
+                          "not exported")
+    return float(m.group(1))
 
 
 def _cli_flags(args: dict[str, Any]) -> list[str]:
@@ -124,6 +144,11 @@ class VllmServer:
 
     def log_tail(self, n: int = 40) -> str:
         return tail_file(self.log_path, n)
+
+    def external_kv_tokens(self) -> float:
+        """See :func:`external_kv_tokens`; read from this server's ``/metrics``."""
+        with urllib.request.urlopen(f"{self.url}/metrics", timeout=10) as r:
+            return external_kv_tokens(r.read().decode())
 
     def stop(self) -> None:
         if self._proc is not None:
