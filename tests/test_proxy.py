@@ -239,3 +239,44 @@ async def test_block_index_stays_bounded(engines):
         assert proxy.hasher.analyze({"prompt": last}, chat=False).block_keys[0] in index
     finally:
         await proxy.stop()
+
+
+async def test_one_slow_health_probe_does_not_take_an_instance_out():
+    """A busy engine may miss a probe deadline; only consecutive misses mark it down."""
+    from aiohttp import web
+
+    from scheduler.proxy.instances import InstancePool
+
+    slow = asyncio.Event()
+
+    async def health(request: web.Request) -> web.Response:
+        if slow.is_set():
+            await asyncio.sleep(1.0)
+        return web.Response(text="")
+
+    async def models(request: web.Request) -> web.Response:
+        return web.json_response({"data": [{"id": "m"}]})
+
+    app = web.Application()
+    app.router.add_get("/health", health)
+    app.router.add_get("/v1/models", models)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]
+    pool = InstancePool([InstanceSpec(f"http://127.0.0.1:{port}", "mixed", id="e")],
+                        interval=3600, timeout=0.2, timeouts_before_down=3)
+    try:
+        await pool.start()
+        inst = pool.get("e")
+        assert inst.healthy
+        slow.set()
+        assert await pool.check(inst) and inst.healthy  # first miss: still in
+        assert await pool.check(inst) and inst.healthy  # second miss: still in
+        assert not await pool.check(inst) and not inst.healthy  # third in a row: out
+        slow.clear()
+        assert await pool.check(inst) and inst.healthy  # back when it answers
+    finally:
+        await pool.stop()
+        await runner.cleanup()

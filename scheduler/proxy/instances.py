@@ -120,7 +120,8 @@ class InstancePool:
     """Health-checked instances. ``on_change(instance)`` fires when one goes up or down."""
 
     def __init__(self, specs: Iterable[InstanceSpec], *, interval: float = 2.0,
-                 timeout: float = 2.0, on_change: Callable[[Instance], None] | None = None) -> None:
+                 timeout: float = 2.0, timeouts_before_down: int = 3,
+                 on_change: Callable[[Instance], None] | None = None) -> None:
         self._instances: dict[str, Instance] = {}
         for spec in specs:
             if spec.id in self._instances:
@@ -128,6 +129,7 @@ class InstancePool:
             self._instances[spec.id] = Instance(spec)
         self.interval = interval
         self.timeout = timeout
+        self.timeouts_before_down = timeouts_before_down
         self.on_change = on_change
         self._task: asyncio.Task[None] | None = None
         self._session: aiohttp.ClientSession | None = None
@@ -197,7 +199,7 @@ class InstancePool:
     async def check(self, inst: Instance) -> bool:
         """One health probe: ``/health`` answers 200, then ``/v1/models`` names what it serves."""
         assert self._session is not None, "pool not started"
-        ok = False
+        ok = timed_out = False
         try:
             async with self._session.get(f"{inst.url}/health") as r:
                 ok = r.status == 200
@@ -206,9 +208,16 @@ class InstancePool:
                     if r.status == 200:
                         body = await r.json()
                         inst.models = tuple(m["id"] for m in body.get("data", []) if "id" in m)
-        except (aiohttp.ClientError, asyncio.TimeoutError, ValueError, KeyError, TypeError):
+        except asyncio.TimeoutError:  # aiohttp's timeouts subclass it
+            timed_out = True
+        except (aiohttp.ClientError, ValueError, KeyError, TypeError):
             ok = False
         inst.last_check = time.monotonic()
+        if timed_out and inst.healthy and inst.failures + 1 < self.timeouts_before_down:
+            # A busy engine (a long prefill on few cores) can miss one probe deadline: only
+            # consecutive misses take it out. A refused connection or an error status does at once.
+            inst.failures += 1
+            return True
         self.set_health(inst, ok)
         return ok
 
