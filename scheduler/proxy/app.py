@@ -514,11 +514,15 @@ class Proxy:
                         # response (leaving this block) cancels the engine's request.
                         log.debug("client of %s disconnected mid-stream", request_id)
                         return response
-                await response.write_eof()
+                try:
+                    await response.write_eof()
+                except ConnectionError:  # the client hung up after the last event: fine
+                    log.debug("client of %s closed before the end of the stream", request_id)
                 if upstream.status == 200:
                     self._feedback(self.conductor.on_decode_finished, request_id)
                 return response
         except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+            log.warning("request %s on %s failed: %r", request_id, inst.id, exc)
             self.pool.mark_failed(inst)
             message = f"instance {inst.id} failed: {type(exc).__name__}: {exc}"
             if response is None or not response.prepared:
