@@ -174,31 +174,18 @@ class MooncakeHiCacheStorage(HiCacheStorage):
     def batch_set_v1(self, keys: list[str], host_indices: torch.Tensor,
                      extra_info: HiCacheStorageExtraInfo | None = None) -> list[bool]:
         """Write whole pages straight from the host pool; one bool per key."""
-        if not keys or self._in_outage():
-            return [False] * len(keys)
-        start = time.perf_counter()
-        try:
-            pieces = self._pieces(keys, host_indices)
-            skeys = [self.store_key(k) for k in keys]
-        except Exception as e:  # bad indices, no pool registered yet
-            return self._rejected("batch_set_v1", e, [False] * len(keys))
-        try:
-            if pieces.single:
-                codes = self.store.batch_put_from(skeys, [p[0] for p in pieces.ptrs],
-                                                  [s[0] for s in pieces.sizes], self._replicate)
-            else:
-                codes = self.store.batch_put_from_multi_buffers(skeys, pieces.ptrs,
-                                                                pieces.sizes, self._replicate)
-        except Exception as e:
-            return self._failed("batch_set_v1", e, [False] * len(keys))
-        self._note_codes("batch_set_v1", codes)
-        ok = [c == 0 for c in codes]
-        self._record_write(ok, start)
-        return ok
+        return self._page_io("batch_set_v1", keys, host_indices, write=True)
 
     def batch_get_v1(self, keys: list[str], host_indices: torch.Tensor,
                      extra_info: HiCacheStorageExtraInfo | None = None) -> list[bool]:
         """Read whole pages straight into the host pool; one bool per key (False = miss)."""
+        return self._page_io("batch_get_v1", keys, host_indices, write=False)
+
+    def _page_io(self, op: str, keys: list[str], host_indices: torch.Tensor, *,
+                 write: bool) -> list[bool]:
+        """The zero-copy page transfer both ``_v1`` calls are: the outage gate, the pages'
+        pieces in the host pool, one batch call to the store, per-key outcome and stats.
+        A page is a single piece (MLA, or one buffer per page) or one piece per layer buffer."""
         if not keys or self._in_outage():
             return [False] * len(keys)
         start = time.perf_counter()
@@ -206,19 +193,28 @@ class MooncakeHiCacheStorage(HiCacheStorage):
             pieces = self._pieces(keys, host_indices)
             skeys = [self.store_key(k) for k in keys]
         except Exception as e:  # bad indices, no pool registered yet
-            return self._rejected("batch_get_v1", e, [False] * len(keys))
+            return self._rejected(op, e, [False] * len(keys))
+        store = self.store
         try:
             if pieces.single:
-                got = self.store.batch_get_into(skeys, [p[0] for p in pieces.ptrs],
-                                                [s[0] for s in pieces.sizes])
+                ptrs, sizes = [p[0] for p in pieces.ptrs], [s[0] for s in pieces.sizes]
+                result = (store.batch_put_from(skeys, ptrs, sizes, self._replicate) if write
+                          else store.batch_get_into(skeys, ptrs, sizes))
+            elif write:
+                result = store.batch_put_from_multi_buffers(skeys, pieces.ptrs, pieces.sizes,
+                                                            self._replicate)
             else:
-                got = self.store.batch_get_into_multi_buffers(skeys, pieces.ptrs, pieces.sizes)
+                result = store.batch_get_into_multi_buffers(skeys, pieces.ptrs, pieces.sizes)
         except Exception as e:
-            return self._failed("batch_get_v1", e, [False] * len(keys))
-        self._note_codes("batch_get_v1", got)
-        page_bytes = self._page_bytes()
-        ok = [n == page_bytes for n in got]
-        self._record_read(ok, start)
+            return self._failed(op, e, [False] * len(keys))
+        self._note_codes(op, result)
+        if write:
+            ok = [c == 0 for c in result]
+            self._record_write(ok, start)
+        else:
+            page_bytes = self._page_bytes()
+            ok = [n == page_bytes for n in result]
+            self._record_read(ok, start)
         return ok
 
     def _pieces(self, keys: Sequence[str], host_indices: torch.Tensor):  # type: ignore[no-untyped-def]
