@@ -8,11 +8,14 @@ drives ``mooncake.store.MooncakeDistributedStore`` and ``store.MooncakeDistribut
 Data path: values of 64 KiB, 1 MiB and 16 MiB; throughput (GB/s) and p50/p99 latency per op.
 Ours runs twice: TCP only (``MOONCAKE_TRANSFER_ENABLE_SHM=0``) and with the same-host shm path.
 Gets read each key ``--get-rounds`` times (our client caches replica locations under the lease,
-so repeated gets skip the master hop; Mooncake asks the master every time).
+so repeated gets skip the master hop; Mooncake asks the master every time). All stores run at
+once and take turns: each size is ``--rounds`` rounds, and inside a round every store does its
+share in a rotating order, so a busy spell of the machine falls on all of them alike (the
+``rnd med`` column is the median of the per-round rates; ``GB/s`` is over all rounds).
 
 Metadata path: ``batch_put_from`` of 4 KiB objects in batches of 256 until 10k / 50k / 200k
 objects are stored, then ``batch_is_exist`` of 256 keys and ``get_into`` of 4 KiB at each level;
-master RSS and RSS per object.
+master RSS and RSS per object (store after store).
 
     python benchmarks/store_bench.py [--json] [--impl ours,mooncake] [--objects 10000,50000]
 """
@@ -89,42 +92,32 @@ def role_holder(impl: str, master: str, segment: int) -> None:
     s.close()
 
 
-def role_client(impl: str, master: str, get_rounds: int, objects: list[int],
-                skip_data: bool) -> None:
-    s = _setup(impl, master, 0, 64 * MIB)
-    buf = (ctypes.c_char * (64 * MIB))()
-    addr = ctypes.addressof(buf)
-    ctypes.memset(addr, 0x5A, 64 * MIB)
-    if s.register_buffer(addr, 64 * MIB) != 0:
-        raise SystemExit("register_buffer failed")
-    out: dict[str, Any] = {"data": [], "metadata": []}
-    if not skip_data:
-        for label, size in SIZES.items():
-            n = COUNTS[size]
-            keys = [f"d/{label}/{i}" for i in range(n)]
-            lat_put = []
-            t0 = time.perf_counter()
-            for k in keys:
-                t = time.perf_counter()
-                if s.put_from(k, addr, size) != 0:
-                    raise SystemExit(f"{impl} put_from {k} failed")
-                lat_put.append(time.perf_counter() - t)
-            put_s = time.perf_counter() - t0
-            lat_get = []
-            t0 = time.perf_counter()
-            for _ in range(get_rounds):
-                for k in keys:
-                    t = time.perf_counter()
-                    if s.get_into(k, addr + 32 * MIB, size) != size:
-                        raise SystemExit(f"{impl} get_into {k} failed")
-                    lat_get.append(time.perf_counter() - t)
-            get_s = time.perf_counter() - t0
-            for op, lat, secs, count in (("put_from", lat_put, put_s, n),
-                                         ("get_into", lat_get, get_s, n * get_rounds)):
-                out["data"].append({"size": label, "op": op, "gbps": count * size / secs / 1e9,
-                                    "p50_us": _pct(lat, 0.5) * 1e6,
-                                    "p99_us": _pct(lat, 0.99) * 1e6})
-            s.remove_all(True)
+def _data_round(s: Any, tag: str, size: int, n: int, get_rounds: int, addr: int) -> dict[str, Any]:
+    """``n`` put_from of ``size`` bytes, then ``get_rounds`` get_into of each; latencies in s."""
+    keys = [f"d/{tag}/{i}" for i in range(n)]
+    lat_put: list[float] = []
+    t0 = time.perf_counter()
+    for k in keys:
+        t = time.perf_counter()
+        if s.put_from(k, addr, size) != 0:
+            raise SystemExit(f"put_from {k} failed")
+        lat_put.append(time.perf_counter() - t)
+    put_s = time.perf_counter() - t0
+    lat_get: list[float] = []
+    t0 = time.perf_counter()
+    for _ in range(get_rounds):
+        for k in keys:
+            t = time.perf_counter()
+            if s.get_into(k, addr + 32 * MIB, size) != size:
+                raise SystemExit(f"get_into {k} failed")
+            lat_get.append(time.perf_counter() - t)
+    get_s = time.perf_counter() - t0
+    s.remove_all(True)
+    return {"put_from": [put_s, n * size, lat_put], "get_into": [get_s, n * size * get_rounds, lat_get]}
+
+
+def _metadata(s: Any, impl: str, objects: list[int], addr: int) -> list[dict[str, Any]]:
+    rows = []
     stored = 0
     batch = 256
     sz = 4 * KIB
@@ -155,13 +148,35 @@ def role_client(impl: str, master: str, get_rounds: int, objects: list[int],
             if s.get_into(k, addr + 32 * MIB, sz) != sz:
                 raise SystemExit(f"{impl} get_into {k} failed")
             lat_get.append(time.perf_counter() - t)
-        out["metadata"].append({"objects": stored, "put_objects_per_s": put_rate,
-                                "batch_is_exist_p50_us": statistics.median(lat_exist) * 1e6,
-                                "get_4k_p50_us": statistics.median(lat_get) * 1e6})
-        print("LEVEL " + json.dumps(out["metadata"][-1]), flush=True)
+        rows.append({"objects": stored, "put_objects_per_s": put_rate,
+                     "batch_is_exist_p50_us": statistics.median(lat_exist) * 1e6,
+                     "get_4k_p50_us": statistics.median(lat_get) * 1e6})
+        print("LEVEL " + json.dumps(rows[-1]), flush=True)
         input()  # the orchestrator samples the master's RSS, then lets us go on
+    return rows
+
+
+def role_client(impl: str, master: str) -> None:
+    """Serve the orchestrator's commands, one per stdin line, answering on stdout:
+    ``data <tag> <size> <count> <get_rounds>``, ``metadata <levels>``, ``quit``."""
+    s = _setup(impl, master, 0, 64 * MIB)
+    buf = (ctypes.c_char * (64 * MIB))()
+    addr = ctypes.addressof(buf)
+    ctypes.memset(addr, 0x5A, 64 * MIB)
+    if s.register_buffer(addr, 64 * MIB) != 0:
+        raise SystemExit("register_buffer failed")
+    print("READY", flush=True)
+    for line in sys.stdin:
+        cmd, *rest = line.split()
+        if cmd == "data":
+            tag, size, n, rounds = rest[0], int(rest[1]), int(rest[2]), int(rest[3])
+            print("ROUND " + json.dumps(_data_round(s, tag, size, n, rounds, addr)), flush=True)
+        elif cmd == "metadata":
+            levels = [int(x) for x in rest[0].split(",") if int(x) > 0]
+            print("RESULT " + json.dumps(_metadata(s, impl, levels, addr)), flush=True)
+        else:
+            break
     s.unregister_buffer(addr)
-    print("RESULT " + json.dumps(out), flush=True)
     s.close()
 
 
@@ -175,62 +190,88 @@ def _rss(pid: int) -> int:
     return 0
 
 
-def run_impl(impl: str, variant: str, args: argparse.Namespace, objects: list[int]) -> dict[str, Any]:
-    port = _free_port()
-    if impl == "mooncake":
-        master = subprocess.Popen([MOONCAKE_MASTER, f"--rpc_port={port}",
-                                   f"--metrics_port={_free_port()}",
-                                   "--enable_http_metadata_server=false"],
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    else:
-        master = subprocess.Popen([sys.executable, "-m", "store.master", "--rpc-port", str(port),
-                                   "--metrics-port", "0", "--enable-http-metadata-server",
-                                   "false"], cwd=REPO, stdout=subprocess.DEVNULL,
-                                  stderr=subprocess.DEVNULL)
-    procs = [master]
-    env = dict(os.environ, MOONCAKE_TRANSFER_ENABLE_SHM="1" if variant == "shm" else "0",
-               PYTHONPATH=REPO, GLOG_minloglevel="2")
-    try:
+class Stack:
+    """One store under test: master, holder and a command-driven client process."""
+
+    def __init__(self, impl: str, variant: str, segment_mib: int) -> None:
+        self.impl, self.variant = impl, variant
+        self.procs: list[subprocess.Popen[str]] = []
+        port = _free_port()
+        if impl == "mooncake":
+            cmd = [MOONCAKE_MASTER, f"--rpc_port={port}", f"--metrics_port={_free_port()}",
+                   "--enable_http_metadata_server=false"]
+        else:
+            cmd = [sys.executable, "-m", "store.master", "--rpc-port", str(port),
+                   "--metrics-port", "0", "--enable-http-metadata-server", "false"]
+        self.master = self._spawn(cmd, stdin=False)
+        env = dict(os.environ, MOONCAKE_TRANSFER_ENABLE_SHM="1" if variant == "shm" else "0",
+                   PYTHONPATH=REPO, GLOG_minloglevel="2")
         _wait_port(port)
         addr = f"127.0.0.1:{port}"
-        seg = str(args.segment_mib * MIB)
         if impl == "mooncake":
-            holder_cmd = [sys.executable, __file__, "--role", "holder", "--impl", impl,
-                          "--master", addr, "--segment-mib", str(args.segment_mib)]
+            holder = [sys.executable, __file__, "--role", "holder", "--impl", impl,
+                      "--master", addr, "--segment-mib", str(segment_mib)]
         else:
-            holder_cmd = [sys.executable, "-m", "store.node", "--local-hostname", "127.0.0.1",
-                          "--master-server-address", addr, "--global-segment-size", seg,
-                          "--log-level", "WARNING"]
-        holder = subprocess.Popen(holder_cmd, cwd=REPO, env=env, stdin=subprocess.PIPE,
-                                  stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-        procs.append(holder)
-        assert holder.stdout is not None
-        line = holder.stdout.readline()
-        if not line.startswith("READY"):
-            raise SystemExit(f"{impl} holder failed to start")
-        client = subprocess.Popen(
-            [sys.executable, __file__, "--role", "client", "--impl", impl, "--master", addr,
-             "--get-rounds", str(args.get_rounds), "--objects",
-             ",".join(map(str, objects)) or "0", *(["--skip-data"] if args.skip_data else [])],
-            cwd=REPO, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-            stderr=subprocess.DEVNULL, text=True)
-        procs.append(client)
-        assert client.stdout is not None and client.stdin is not None
+            holder = [sys.executable, "-m", "store.node", "--local-hostname", "127.0.0.1",
+                      "--master-server-address", addr, "--global-segment-size",
+                      str(segment_mib * MIB), "--log-level", "WARNING"]
+        self._ready(self._spawn(holder, env=env), "holder")
+        self.client = self._spawn([sys.executable, __file__, "--role", "client", "--impl", impl,
+                                   "--master", addr], env=env)
+        self._ready(self.client, "client")
+
+    @property
+    def name(self) -> str:
+        return f"{self.impl}/{self.variant}"
+
+    def _spawn(self, cmd: list[str], env: dict[str, str] | None = None,
+               stdin: bool = True) -> subprocess.Popen[str]:
+        p = subprocess.Popen(cmd, cwd=REPO, env=env, text=True,
+                             stdin=subprocess.PIPE if stdin else None,
+                             stdout=subprocess.PIPE if stdin else subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+        self.procs.append(p)
+        return p
+
+    def _ready(self, p: subprocess.Popen[str], what: str) -> None:
+        assert p.stdout is not None
+        if not p.stdout.readline().startswith("READY"):
+            raise SystemExit(f"{self.name} {what} failed to start (rc {p.poll()})")
+
+    def _ask(self, line: str) -> str:
+        assert self.client.stdin is not None and self.client.stdout is not None
+        self.client.stdin.write(line + "\n")
+        self.client.stdin.flush()
+        answer = self.client.stdout.readline()
+        if not answer:
+            raise SystemExit(f"{self.name} client died (rc {self.client.wait()})")
+        return answer
+
+    def data(self, tag: str, size: int, n: int, get_rounds: int) -> dict[str, Any]:
+        answer = self._ask(f"data {tag} {size} {n} {get_rounds}")
+        if not answer.startswith("ROUND "):
+            raise SystemExit(f"{self.name}: unexpected answer {answer!r}")
+        return json.loads(answer[6:])
+
+    def metadata(self, levels: list[int]) -> list[dict[str, Any]]:
+        answer = self._ask("metadata " + ",".join(map(str, levels)))
         rss: list[int] = []
-        for line in client.stdout:
-            if line.startswith("LEVEL "):
-                rss.append(_rss(master.pid))
-                client.stdin.write("\n")
-                client.stdin.flush()
-            elif line.startswith("RESULT "):
-                result = json.loads(line[7:])
-                for row, r in zip(result["metadata"], rss):
-                    row["master_rss_mb"] = r / MIB
-                    row["master_bytes_per_object"] = r / max(row["objects"], 1)
-                return result
-        raise SystemExit(f"{impl}/{variant} client failed (rc {client.wait()})")
-    finally:
-        for p in reversed(procs):
+        assert self.client.stdout is not None and self.client.stdin is not None
+        while answer.startswith("LEVEL "):
+            rss.append(_rss(self.master.pid))
+            self.client.stdin.write("\n")
+            self.client.stdin.flush()
+            answer = self.client.stdout.readline()
+        if not answer.startswith("RESULT "):
+            raise SystemExit(f"{self.name} metadata run failed (rc {self.client.poll()})")
+        rows: list[dict[str, Any]] = json.loads(answer[7:])
+        for row, r in zip(rows, rss):
+            row["master_rss_mb"] = r / MIB
+            row["master_bytes_per_object"] = r / max(row["objects"], 1)
+        return rows
+
+    def close(self) -> None:
+        for p in reversed(self.procs):
             if p.stdin is not None:
                 try:
                     p.stdin.close()
@@ -243,14 +284,43 @@ def run_impl(impl: str, variant: str, args: argparse.Namespace, objects: list[in
                 p.kill()
 
 
+def _summary(rounds: list[dict[str, Any]], op: str, label: str) -> dict[str, Any]:
+    secs = sum(r[op][0] for r in rounds)
+    nbytes = sum(r[op][1] for r in rounds)
+    lat = [x for r in rounds for x in r[op][2]]
+    per_round = [r[op][1] / r[op][0] / 1e9 for r in rounds]
+    return {"size": label, "op": op, "gbps": nbytes / secs / 1e9,
+            "gbps_round_median": statistics.median(per_round),
+            "p50_us": _pct(lat, 0.5) * 1e6, "p99_us": _pct(lat, 0.99) * 1e6}
+
+
+def run_data(stacks: list[Stack], rounds: int, get_rounds: int) -> dict[str, list[dict[str, Any]]]:
+    """Every size, ``rounds`` rounds, the stacks taking turns inside each round (in a rotating
+    order), so that a busy spell of the machine falls on all of them alike."""
+    out: dict[str, list[dict[str, Any]]] = {s.name: [] for s in stacks}
+    for label, size in SIZES.items():
+        n = max(1, COUNTS[size] // rounds)
+        got: dict[str, list[dict[str, Any]]] = {s.name: [] for s in stacks}
+        for r in range(rounds):
+            for k in range(len(stacks)):
+                stack = stacks[(r + k) % len(stacks)]
+                got[stack.name].append(stack.data(f"{label}/{r}", size, n, get_rounds))
+        for name, rs in got.items():
+            out[name] += [_summary(rs, "put_from", label), _summary(rs, "get_into", label)]
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--json", action="store_true", help="print one JSON document")
     parser.add_argument("--impl", default="ours,mooncake")
     parser.add_argument("--objects", default="10000,50000,200000")
     parser.add_argument("--get-rounds", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=4,
+                        help="data-path rounds per size, stacks alternating within each")
     parser.add_argument("--segment-mib", type=int, default=2048)
     parser.add_argument("--skip-data", action="store_true")
+    parser.add_argument("--no-shm", action="store_true", help="leave out our shm-path run")
     parser.add_argument("--role", choices=["holder", "client"], help=argparse.SUPPRESS)
     parser.add_argument("--master", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -259,24 +329,37 @@ def main(argv: list[str] | None = None) -> int:
         role_holder(args.impl, args.master, args.segment_mib * MIB)
         return 0
     if args.role == "client":
-        role_client(args.impl, args.master, args.get_rounds, objects, args.skip_data)
+        role_client(args.impl, args.master)
         return 0
-    runs = []
+    wanted = []
     for impl in args.impl.split(","):
         if impl == "mooncake" and not os.path.exists(MOONCAKE_MASTER):
             print("mooncake not installed: skipping it", file=sys.stderr)
             continue
-        for variant in (("tcp", "shm") if impl == "ours" else ("tcp",)):
-            result = run_impl(impl, variant, args, objects if variant == "tcp" else [])
-            runs.append({"impl": impl, "path": variant, **result})
+        variants = ("tcp",) if impl != "ours" or args.no_shm else ("tcp", "shm")
+        wanted += [(impl, v) for v in variants]
+    stacks: list[Stack] = []
+    runs = []
+    try:
+        for impl, variant in wanted:
+            stacks.append(Stack(impl, variant, args.segment_mib))
+        data = {} if args.skip_data else run_data(stacks, args.rounds, args.get_rounds)
+        for stack in stacks:
+            meta = stack.metadata(objects) if objects and stack.variant == "tcp" else []
+            runs.append({"impl": stack.impl, "path": stack.variant,
+                         "data": data.get(stack.name, []), "metadata": meta})
+    finally:
+        for stack in stacks:
+            stack.close()
     if args.json:
         print(json.dumps({"runs": runs}, indent=1))
         return 0
-    print(f"{'impl':10} {'path':4} {'size':6} {'op':9} {'GB/s':>7} {'p50 us':>9} {'p99 us':>9}")
+    print(f"{'impl':10} {'path':4} {'size':6} {'op':9} {'GB/s':>7} {'rnd med':>8} {'p50 us':>9} "
+          f"{'p99 us':>9}")
     for run in runs:
         for r in run["data"]:
             print(f"{run['impl']:10} {run['path']:4} {r['size']:6} {r['op']:9} {r['gbps']:7.2f} "
-                  f"{r['p50_us']:9.0f} {r['p99_us']:9.0f}")
+                  f"{r['gbps_round_median']:8.2f} {r['p50_us']:9.0f} {r['p99_us']:9.0f}")
     print(f"\n{'impl':10} {'objects':>8} {'put obj/s':>10} {'exist256 p50':>13} "
           f"{'get4k p50':>10} {'master MB':>10} {'B/object':>9}")
     for run in runs:
