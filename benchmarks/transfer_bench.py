@@ -12,6 +12,11 @@ libraries ``apt-get install -y libibverbs1 librdmacm1 libnuma1``.
 
     .venv/bin/python benchmarks/transfer_bench.py            # table
     .venv/bin/python benchmarks/transfer_bench.py --json     # one JSON object
+    .venv/bin/python benchmarks/transfer_bench.py --tls      # + tcp under mutual TLS
+
+``--tls`` adds an ``ours-tls`` column: the tcp transport with mutual TLS (a throwaway CA made
+by :func:`transfer.tls.make_test_pki`, the HMAC secret on too), so its cost is read side by side
+with plain tcp in the same run (``tls_vs_tcp`` in the JSON: ratio of throughputs).
 
 Targets (2-core box): tcp >= 2x Mooncake at 1 MiB and 16 MiB, tcp >= Mooncake at 64 KiB,
 shm >= 50% of the single-thread memcpy.
@@ -23,6 +28,7 @@ import json
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -36,12 +42,25 @@ SHAPES = [(64 << 10, 128), (1 << 20, 64), (16 << 20, 8)]
 SIZE = max(b * n for b, n in SHAPES)
 
 
+def _tls_overrides(mode: str, tls_dir: str | None) -> dict[str, Any]:
+    """Mutual TLS with the PKI in ``tls_dir`` (both processes share it) for the tls mode."""
+    if mode != "tls":
+        return {}
+    from transfer.tls import TestPki
+
+    assert tls_dir is not None
+    d = Path(tls_dir)
+    pki = TestPki(str(d / "ca.pem"), str(d / "node.pem"), str(d / "node.key"))
+    return {**pki.settings(), "auth_secret": "transfer-bench"}
+
+
 def serve(args: argparse.Namespace) -> None:
     from transfer.config import load_config
     from transfer.engine import Engine
 
     cfg = load_config(overrides={"transfer.enable_shm": args.mode == "shm",
-                                 "transfer.streams_per_peer": args.streams})
+                                 "transfer.streams_per_peer": args.streams,
+                                 **_tls_overrides(args.mode, args.tls_dir)})
     engine = Engine(cfg).start_in()
     if args.mode == "shm":
         addr = engine.run(engine.allocate_shared(SIZE)).address
@@ -90,11 +109,17 @@ def bench_ours(mode: str, streams: int, seconds: float, slice_size: int) -> list
     from transfer.engine import Engine
     from transfer.transports.base import Opcode
 
+    from transfer.tls import make_test_pki
+
+    tls_dir = tempfile.TemporaryDirectory(prefix="transfer-bench-tls-")
+    if mode == "tls":
+        make_test_pki(tls_dir.name, "node")
     proc, info = _spawn([sys.executable, __file__, "--serve", "--mode", mode,
-                         "--streams", str(streams)])
+                         "--streams", str(streams), "--tls-dir", tls_dir.name])
     cfg = load_config(overrides={"transfer.enable_shm": mode == "shm",
                                  "transfer.streams_per_peer": streams,
-                                 "transfer.slice_size": slice_size})
+                                 "transfer.slice_size": slice_size,
+                                 **_tls_overrides(mode, tls_dir.name)})
     engine = Engine(cfg).start_in()
     out = []
     try:
@@ -112,6 +137,7 @@ def bench_ours(mode: str, streams: int, seconds: float, slice_size: int) -> list
     finally:
         engine.close_in()
         _stop(proc)
+        tls_dir.cleanup()
     return out
 
 
@@ -191,7 +217,9 @@ def main() -> None:
     p.add_argument("--seconds", type=float, default=1.0, help="time per measurement")
     p.add_argument("--streams", type=int, default=4, help="transfer.streams_per_peer")
     p.add_argument("--slice-size", type=int, default=1 << 20)
-    p.add_argument("--modes", default="tcp,shm", help="our transports to measure")
+    p.add_argument("--modes", default="tcp,shm", help="our transports to measure (tcp, shm, tls)")
+    p.add_argument("--tls", action="store_true",
+                   help="also measure tcp under mutual TLS (adds the tls mode)")
     p.add_argument("--no-mooncake", action="store_true")
     p.add_argument("--mooncake-python", metavar="PATH",
                    help="Python with mooncake-transfer-engine-non-cuda installed (default: "
@@ -199,12 +227,16 @@ def main() -> None:
     p.add_argument("--no-ceilings", action="store_true", help="skip iperf3 and memcpy")
     p.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--mode", default="tcp", help=argparse.SUPPRESS)
+    p.add_argument("--tls-dir", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.serve:
         serve(args)
         return
+    modes = args.modes.split(",")
+    if args.tls and "tls" not in modes:
+        modes.append("tls")
     rows = []
-    for mode in args.modes.split(","):
+    for mode in modes:
         rows += bench_ours(mode, args.streams, args.seconds, args.slice_size)
     if not args.no_mooncake:
         python = find_mooncake_python(args.mooncake_python)
@@ -213,7 +245,8 @@ def main() -> None:
     memcpy = bench_memcpy(args.seconds) if not args.no_ceilings else {b: 0.0 for b, _ in SHAPES}
     iperf = bench_iperf(args.seconds) if not args.no_ceilings else None
     result = {"rows": rows, "memcpy_gbps": {str(k): v for k, v in memcpy.items()},
-              "iperf3_gbps": iperf, "checks": _checks(rows, memcpy)}
+              "iperf3_gbps": iperf, "checks": _checks(rows, memcpy),
+              "tls_vs_tcp": _tls_ratios(rows)}
     if args.json:
         print(json.dumps(result))
         return
@@ -225,6 +258,17 @@ def _get(rows: list[dict[str, Any]], engine: str, block: int, op: str) -> float 
         if r["engine"] == engine and r["block"] == block and r["op"] == op:
             return float(r["gbps"])
     return None
+
+
+def _tls_ratios(rows: list[dict[str, Any]]) -> dict[str, float]:
+    """TLS throughput as a fraction of plain tcp's, per shape and direction (measured only)."""
+    out = {}
+    for block, _ in SHAPES:
+        for op in ("write", "read"):
+            tls, tcp = _get(rows, "ours-tls", block, op), _get(rows, "ours-tcp", block, op)
+            if tls is not None and tcp:
+                out[f"{block >> 10}KiB {op}"] = tls / tcp
+    return out
 
 
 def _checks(rows: list[dict[str, Any]], memcpy: dict[int, float]) -> dict[str, bool | None]:
@@ -243,14 +287,17 @@ def _checks(rows: list[dict[str, Any]], memcpy: dict[int, float]) -> dict[str, b
 
 def _table(rows: list[dict[str, Any]], memcpy: dict[int, float], iperf: float | None,
            checks: dict[str, bool | None]) -> None:
-    print(f"{'shape':>14} {'op':>5} {'ours-tcp':>9} {'ours-shm':>9} {'mooncake':>9} "
-          f"{'memcpy':>8}   (GB/s)")
+    print(f"{'shape':>14} {'op':>5} {'ours-tcp':>9} {'ours-tls':>9} {'ours-shm':>9} "
+          f"{'mooncake':>9} {'memcpy':>8}   (GB/s)")
     for block, batch in SHAPES:
         for op in ("write", "read"):
-            cells = [_get(rows, e, block, op) for e in ("ours-tcp", "ours-shm", "mooncake-tcp")]
+            cells = [_get(rows, e, block, op)
+                     for e in ("ours-tcp", "ours-tls", "ours-shm", "mooncake-tcp")]
             text = " ".join(f"{c:9.2f}" if c is not None else f"{'-':>9}" for c in cells)
             print(f"{block >> 10:>7}KiBx{batch:<4} {op:>5} {text} {memcpy[block]:8.2f}")
     print(f"iperf3 loopback: {iperf:.2f} GB/s" if iperf else "iperf3: not measured")
+    for shape, ratio in _tls_ratios(rows).items():
+        print(f"  tls/tcp {shape}: {ratio:.2f}")
     for name, ok in checks.items():
         print(f"  [{'ok' if ok else ('--' if ok is None else 'MISS')}] {name}")
 

@@ -16,6 +16,7 @@ from typing import Any
 import msgspec
 
 from transfer.rpc import ErrorCode, RpcClient, RpcError, RpcServer
+from transfer.tls import TlsContexts
 
 __all__ = ["MAX_NOTIFY_SIZE", "ControlPlane", "Notification", "split_name"]
 
@@ -67,8 +68,11 @@ class ControlPlane:
     """Serves this engine's descriptor and receives notifications; asks peers for theirs."""
 
     def __init__(self, host: str, port: int, *, secret: bytes | None, max_frame_size: int,
-                 connect_timeout: float, local_descriptor: Callable[[str], bytes | None]) -> None:
-        self._server = RpcServer(host, port, secret=secret, max_frame_size=max_frame_size)
+                 connect_timeout: float, local_descriptor: Callable[[str], bytes | None],
+                 tls: TlsContexts | None = None) -> None:
+        self._server = RpcServer(host, port, secret=secret, max_frame_size=max_frame_size,
+                                 tls=None if tls is None else tls.server)
+        self._tls = None if tls is None else tls.client
         self._secret = secret
         self._max_frame_size = max_frame_size
         self._connect_timeout = connect_timeout
@@ -123,7 +127,7 @@ class ControlPlane:
         if client is None or client.closed:
             host, port = split_name(name)
             client = RpcClient(host, port, secret=self._secret, max_frame_size=self._max_frame_size,
-                               connect_timeout=self._connect_timeout)
+                               connect_timeout=self._connect_timeout, tls=self._tls)
             self._clients[name] = client
         return client
 

@@ -50,6 +50,7 @@ from transfer.staging import Staging
 from transfer.transports.base import Opcode, Transport
 from transfer.transports.file import FileTransport
 from transfer.transports.shm import ShmTransport
+from transfer.tls import tls_contexts
 from transfer.transports.tcp import TcpTransport
 
 __all__ = [
@@ -123,15 +124,19 @@ class Engine(Registration):
         host = host.strip("[]")
         p2p = parse_metadata_server(cfg.metadata_server).kind == "p2p"
         rpc_port = 0 if p2p or not port_text else int(port_text)
+        tls = tls_contexts(cfg)
         control = ControlPlane(host, rpc_port, secret=cfg.auth_secret,
                                max_frame_size=cfg.rpc.max_frame_size,
                                connect_timeout=cfg.rpc.connect_timeout,
-                               local_descriptor=self._serve_descriptor)
+                               local_descriptor=self._serve_descriptor, tls=tls)
         await control.start()
         self._control = control
         self.name = f"{host}:{self._control.port}" if rpc_port == 0 else f"{host}:{rpc_port}"
+        # An HTTP metadata server is guarded by the same cluster secret (its bearer token).
+        http = parse_metadata_server(cfg.metadata_server).kind == "http"
         self._metadata = open_metadata_store(cfg.metadata_server,
-                                             fetch=self._fetch_descriptor if p2p else None)
+                                             fetch=self._fetch_descriptor if p2p else None,
+                                             secret=cfg.auth_secret if http else None)
         self._cache: DescriptorCache[PeerSegment] = DescriptorCache(self._load_peer, ttl=30.0)
         reap_stale()
         self._probe = HostProbe()
@@ -140,7 +145,7 @@ class Engine(Registration):
         self._transports["tcp"] = TcpTransport(
             self.registry, host=host, secret=cfg.auth_secret, streams_per_peer=t.streams_per_peer,
             io_timeout=t.io_timeout, connect_timeout=cfg.rpc.connect_timeout,
-            region_io=self._staging.region_io())
+            region_io=self._staging.region_io(), tls=tls)
         self._small = SmallTcpPath(self.registry, self._transports["tcp"], self._choose,
                                    t.io_timeout)
         if t.enable_shm:  # same-host shortcuts: both trust the /dev/shm probe

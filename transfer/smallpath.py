@@ -149,7 +149,14 @@ class SmallTcpPath:
     # -- the event loop -----------------------------------------------------------------------
 
     async def run_on_loop(self, peer: PeerSegment, slices: Sequence[Slice]) -> bool:
-        """Run ``slices`` over this peer's loop stream; ``False`` if it is busy or failed."""
+        """Run ``slices`` over this peer's loop stream; ``False`` if it is busy or failed.
+
+        With TLS the loop's ``sock_*`` calls cannot drive an ``SSLSocket``, so the exchange
+        runs as :meth:`run_blocking` on a worker thread instead (one hop, still one exchange).
+        """
+        if self._tcp.tls is not None:
+            return await asyncio.get_running_loop().run_in_executor(
+                None, self.run_blocking, peer, slices)
         entry = peer.desc.transports.get("tcp", {})
         key = (str(entry["host"]), int(entry["port"]))
         stream = self._loop_streams.get(key)

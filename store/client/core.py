@@ -28,6 +28,7 @@ from typing import Any
 from store.keys import validate_key
 from store.master import MasterClient, ReplicaDesc, ReplicateConfig, SegmentDesc
 from store.master.allocator import OffsetAllocator, OutOfSpace
+from store.master.tenants import master_credentials
 from transfer.config import MooncakeConfig
 from transfer.engine import Engine
 from transfer.errors import AddressError
@@ -69,7 +70,8 @@ class AsyncStoreClient:
             etcd_endpoints = cfg.etcd.endpoints
         self.master = MasterClient(None if etcd_endpoints else
                                    (master_address or cfg.master_server_address),
-                                   etcd_endpoints=etcd_endpoints or None, secret=cfg.auth_secret,
+                                   etcd_endpoints=etcd_endpoints or None,
+                                   **master_credentials(cfg),
                                    timeout=cfg.rpc.request_timeout,
                                    retry_timeout=(cfg.rpc.retry_timeout if retry_timeout is None
                                                   else retry_timeout),

@@ -30,6 +30,7 @@ from store.master import ReplicaDesc, ReplicateConfig
 from store.master.messages import (BatchGetReplicaListReply, BatchPutStartReply,
                                    BatchPutStartRequest, CodesReply, KeysRequest,
                                    OwnedKeysRequest)
+from store.master.tenants import master_credentials
 from transfer.batch import TransferRequest
 from transfer.config import split_address
 from transfer.errors import AddressError
@@ -101,7 +102,8 @@ class CallerThreadPath:
                     if rpc is not None:
                         rpc.close()
                     rpc = self._rpc = BlockingRpcClient(
-                        host, port, secret=cfg.auth_secret, max_frame_size=cfg.rpc.max_frame_size,
+                        host, port, **master_credentials(cfg),
+                        max_frame_size=cfg.rpc.max_frame_size,
                         connect_timeout=cfg.rpc.connect_timeout)
         return rpc
 

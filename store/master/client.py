@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 import time
 from collections.abc import Sequence
 from typing import TypeVar
@@ -83,7 +84,8 @@ class MasterClient:
     def __init__(self, address: str | None = None, *,
                  etcd_endpoints: str | Sequence[str] | None = None,
                  secret: bytes | None = None, timeout: float = 10.0,
-                 retry_timeout: float = 15.0, connect_timeout: float = 2.0) -> None:
+                 retry_timeout: float = 15.0, connect_timeout: float = 2.0,
+                 identity: str | None = None, tls: ssl.SSLContext | None = None) -> None:
         if address is None and not etcd_endpoints:
             raise ValueError("give the master's address or the etcd endpoints to find it")
         self.address = address
@@ -91,6 +93,8 @@ class MasterClient:
         self.timeout = timeout
         self.retry_timeout = retry_timeout
         self._secret = secret
+        self._identity = identity  # a tenant id, with secret being the tenant's
+        self._tls = tls
         self._connect_timeout = connect_timeout
         self._rpc: RpcClient | None = None
 
@@ -102,7 +106,8 @@ class MasterClient:
             assert self.address is not None
             host, port = split_address(self.address)
             self._rpc = RpcClient(host, port, secret=self._secret,
-                                  connect_timeout=self._connect_timeout)
+                                  connect_timeout=self._connect_timeout, identity=self._identity,
+                                  tls=self._tls)
         return self._rpc
 
     async def call(self, method: str, request: msgspec.Struct, response_type: type[R]) -> R:

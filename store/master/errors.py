@@ -40,6 +40,10 @@ class MasterErrorCode(enum.IntEnum):
     """The client id is unknown: never mounted, or declared dead; remount."""
     UNAVAILABLE_IN_CURRENT_STATUS = APPLICATION_CODE_BASE + 1010
     """This master is not the leader (or is shutting down)."""
+    QUOTA_EXCEEDED = APPLICATION_CODE_BASE + 1900
+    """Ours (no Mooncake code): the put would take the tenant over its byte quota."""
+    PERMISSION_DENIED = APPLICATION_CODE_BASE + 1901
+    """Ours: a tenant called an operation reserved to the cluster's infrastructure."""
 
 
 class MasterError(RpcError):

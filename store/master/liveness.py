@@ -1,10 +1,13 @@
 """Client liveness: heartbeats, TTL expiry, and reclaiming what dead clients held.
 
-A client is known from its first mount or ping. Each ping (and mount) refreshes it; one silent
+A client is known from its first mount. Each ping (and mount) refreshes it; one silent
 for ``client_ttl`` seconds is declared dead: its segments are unmounted, the replicas there are
 dropped and objects left with no replica disappear, so readers are never sent to memory that is
-gone. Its record is forgotten, so its next ping answers ``known=False``: the client learns it
-was declared dead (or that a new leader took over) and remounts.
+gone. Its record is forgotten, so its pings answer ``known=False`` until it remounts: the client
+learns it was declared dead (or that a new leader took over). A ping alone never makes a client
+known again - else one ``known=False`` reply lost on the way (a ping that timed out while the
+client was cut off, delivered when the link came back) would leave the client believing it is
+mounted while the master has dropped its segments, for good.
 
 The same periodic sweep reclaims puts that were started and never ended (the writer crashed
 between ``put_start`` and ``put_end``) after ``put_timeout`` seconds.
@@ -51,13 +54,12 @@ class ClientRegistry:
         return len(self.clients)
 
     def ping(self, client_id: str) -> bool:
-        """Refresh ``client_id``; False if it was unknown (new, expired, or a new leader)."""
-        now = self.store.clock()
+        """Refresh ``client_id``; False if it is unknown (never mounted, expired, or a new
+        leader) - and it stays unknown until it mounts (see the module docstring)."""
         client = self.clients.get(client_id)
         if client is None:
-            self.clients[client_id] = _Client(now)
             return False
-        client.last_seen = now
+        client.last_seen = self.store.clock()
         return True
 
     def mounted(self, client_id: str, segment: str) -> None:

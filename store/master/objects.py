@@ -49,7 +49,7 @@ class ObjectMeta:
     """What the master knows about one object."""
 
     __slots__ = ("size", "replicas", "complete", "owner", "started", "lease_until",
-                 "soft_pin_until", "hard_pin")
+                 "soft_pin_until", "hard_pin", "rebuilt")
 
     def __init__(self, size: int, replicas: list[Replica], owner: str, started: float,
                  soft_pin_until: float, hard_pin: bool) -> None:
@@ -61,6 +61,8 @@ class ObjectMeta:
         self.lease_until = 0.0
         self.soft_pin_until = soft_pin_until
         self.hard_pin = hard_pin
+        self.rebuilt = False
+        """Known from remounts (a failover rebuild), not from a put on this master."""
 
     def descriptors(self) -> list[ReplicaDesc]:
         size = self.size
@@ -101,6 +103,8 @@ class ObjectStore:
         """Objects being copied to the file tier (see :mod:`.demotion`)."""
         self.demotion_dropped: Callable[[Demotion], None] | None = None
         """Set by the demoter: an object being demoted was dropped (free its file space)."""
+        self.on_drop: Callable[[str], None] | None = None
+        """Set by the tenancy layer (:mod:`.tenants`): an object is gone (release its charge)."""
 
     # -- segments -----------------------------------------------------------------------------
 
@@ -135,12 +139,16 @@ class ObjectStore:
             if meta is None:
                 meta = ObjectMeta(obj.size, [], desc.client_id, 0.0, 0.0, False)
                 meta.complete = True
+                meta.rebuilt = True
                 self.objects[obj.key] = meta
                 self.stored_bytes += obj.size
                 rebuilt += 1
-            if meta.complete and meta.size == obj.size:
+            # Only copies of an object rebuilt from remounts join it. An object put on this
+            # master may be a newer version of the key (removed and put again while this
+            # holder was declared dead): same size, other bytes, and a checksum cannot tell.
+            if meta.complete and meta.rebuilt and meta.size == obj.size:
                 meta.replicas.append((segment, offset))
-            else:  # a different object under that key exists: this copy is stale
+            else:  # possibly another version of that key: this copy may be stale
                 del segment.owners[offset]
                 allocator.free_range(offset)
         return MountSegmentReply(rebuilt)
@@ -324,6 +332,8 @@ class ObjectStore:
     def drop(self, key: str, meta: ObjectMeta) -> None:
         """Forget ``key`` and free every replica it still has."""
         del self.objects[key]
+        if self.on_drop is not None:
+            self.on_drop(key)
         if meta.complete:
             self.stored_bytes -= meta.size
         else:

@@ -18,6 +18,7 @@ from aiohttp import web
 from transfer.config import MooncakeConfig
 from transfer.metadata.http_server import HttpMetadataServer
 from transfer.rpc import RpcServer
+from transfer.tls import tls_contexts
 
 from .eviction import Evictor
 from .ha import LeaderElection
@@ -25,6 +26,7 @@ from .liveness import ClientRegistry
 from .metrics import MasterMetrics
 from .objects import ObjectStore
 from .service import MasterService
+from .tenants import Tenancy, load_tenants
 
 __all__ = ["MasterServer"]
 
@@ -33,7 +35,8 @@ logger = logging.getLogger(__name__)
 
 class MasterServer:
     """One master, configured from :class:`MooncakeConfig` (``master``, ``metadata``, ``etcd``,
-    ``rpc`` sections and ``auth_secret``). Ports of 0 pick free ones (see the properties)."""
+    ``rpc``, ``tls`` sections and ``auth_secret``). Ports of 0 pick free ones (see the
+    properties). With ``master.tenants_file`` it is multi-tenant (:mod:`.tenants`)."""
 
     def __init__(self, config: MooncakeConfig | None = None) -> None:
         self.config = config = config if config is not None else MooncakeConfig()
@@ -48,16 +51,27 @@ class MasterServer:
         self.clients = ClientRegistry(self.store, client_ttl=m.client_ttl,
                                       put_timeout=m.put_start_timeout)
         self.metrics = MasterMetrics(self.store, self.clients, self.evictor, lambda: self.role)
+        self.tenancy: Tenancy | None = None
+        if m.tenants_file:
+            if config.auth_secret is None:
+                raise ValueError("master.tenants_file needs auth_secret: store nodes and other "
+                                 "infrastructure authenticate with it, tenants with their own")
+            self.tenancy = Tenancy(load_tenants(m.tenants_file), self.store)
+            self.metrics.registry.register(self.tenancy)  # type: ignore[arg-type]
         self.service = MasterService(self.store, self.clients, self.evictor,
-                                     observe=self.metrics.observe)
+                                     observe=self.metrics.observe, tenancy=self.tenancy)
         self.service.serving = not m.enable_ha
+        tls = tls_contexts(config)
         self.rpc = RpcServer(m.host, m.port, secret=config.auth_secret,
-                             max_frame_size=config.rpc.max_frame_size)
+                             max_frame_size=config.rpc.max_frame_size,
+                             tls=None if tls is None else tls.server,
+                             identities=None if self.tenancy is None else self.tenancy.secret_of)
         self.service.register(self.rpc)
         self.metadata: HttpMetadataServer | None = None
         if m.enable_http_metadata_server:
             md = config.metadata
-            self.metadata = HttpMetadataServer(md.host, md.port, path=md.path)
+            self.metadata = HttpMetadataServer(md.host, md.port, path=md.path,
+                                               secret=config.auth_secret)
         self.election: LeaderElection | None = None
         self.lost_leadership = asyncio.Event()
         self.elected = asyncio.Event()

@@ -60,6 +60,7 @@ from .messages import (
 )
 from .objects import ObjectStore
 from .replication import Replications
+from .tenants import Tenancy
 
 __all__ = ["MasterService"]
 
@@ -81,7 +82,7 @@ class MasterService:
     """Handlers for one store; :meth:`register` puts them on an :class:`RpcServer`."""
 
     def __init__(self, store: ObjectStore, clients: ClientRegistry, evictor: Evictor,
-                 *, observe: Observer | None = None) -> None:
+                 *, observe: Observer | None = None, tenancy: Tenancy | None = None) -> None:
         self.store = store
         self.clients = clients
         self.evictor = evictor
@@ -90,6 +91,8 @@ class MasterService:
         self.serving = True
         """Cleared when this master loses leadership: every call then fails clearly."""
         self._observe = observe
+        self.tenancy = tenancy
+        """Multi-tenant masters scope every handler to the caller's tenant (see .tenants)."""
 
     def register(self, server: RpcServer) -> None:
         """Register every master method on ``server``."""
@@ -123,6 +126,8 @@ class MasterService:
             ("demote_end", DemoteEndRequest, DemoteEndReply, self.demote_end),
         ]
         for name, req, resp, handler in methods:
+            if self.tenancy is not None:
+                handler = self.tenancy.guard(name, handler)
             server.register(name, req, resp, self._wrap(name, handler))
 
     def _wrap(self, name: str, handler: Callable[[Req], Resp]) -> Callable[[Req], Resp]:

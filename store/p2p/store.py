@@ -115,7 +115,9 @@ class P2PStore:
             if parse_metadata_server(server).kind == "p2p":
                 raise ValueError("the P2P store needs a shared metadata store (etcd:// or "
                                  "http://), not P2PHANDSHAKE: objects are found through it")
-            metadata = open_metadata_store(server)
+            kind = parse_metadata_server(server).kind
+            metadata = open_metadata_store(  # the cluster secret is the HTTP server's token
+                server, secret=engine.config.auth_secret if kind == "http" else None)
         self.engine = engine
         self._metadata = metadata
         self._lease_ttl = lease_ttl

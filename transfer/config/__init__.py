@@ -55,6 +55,8 @@ from transfer.config.schema import (
     MooncakeConfig,
     ProxyConfig,
     RpcConfig,
+    StoreConfig,
+    TlsConfig,
     TransferConfig,
     env_var_name,
 )
@@ -72,6 +74,8 @@ __all__ = [
     "MooncakeConfig",
     "ProxyConfig",
     "RpcConfig",
+    "StoreConfig",
+    "TlsConfig",
     "TransferConfig",
     "add_config_arguments",
     "config_from_args",

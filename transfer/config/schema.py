@@ -7,7 +7,7 @@ pick it up. Sections validate themselves in ``__post_init__``, so ``MooncakeConf
 
 Layout mirrors the file format: Mooncake's flat keys at the top level (so a Mooncake JSON file
 loads unchanged) and our own settings in named sections (``rpc``, ``master``, ``metadata``,
-``etcd``, ``transfer``, ``proxy``).
+``etcd``, ``transfer``, ``proxy``, ``tls``, ``store``).
 """
 
 from __future__ import annotations
@@ -50,6 +50,8 @@ __all__ = [
     "RpcConfig",
     "Section",
     "Setting",
+    "StoreConfig",
+    "TlsConfig",
     "TransferConfig",
     "env_var_name",
     "iter_settings",
@@ -266,6 +268,13 @@ class MasterConfig(Section):
         parse=partial(to_float, lo=0.0, hi=60.0),
         metavar="SECONDS",
     )
+    tenants_file: str = setting(
+        "",
+        help="JSON/YAML file of tenants (id -> secret, quota): each tenant's keys live in its "
+        "own namespace under a byte quota (docs/security.md); empty = single-tenant",
+        parse=to_str_or_empty,
+        metavar="PATH",
+    )
 
 
 @dataclass(frozen=True)
@@ -338,6 +347,68 @@ class ProxyConfig(Section):
     port: int = _bind_port(DEFAULT_PROXY_PORT, "proxy HTTP port")
 
 
+@dataclass(frozen=True)
+class TlsConfig(Section):
+    """Optional TLS on the TCP control (RPC) and data connections (:mod:`transfer.tls`)."""
+
+    name: ClassVar[str] = "tls"
+
+    enabled: bool = setting(
+        False,
+        help="TLS on RPC, control and data connections (needs cert_file and key_file)",
+        parse=to_bool,
+        flag=True,
+    )
+    cert_file: str = setting("", help="PEM certificate (chain) this process presents",
+                             parse=to_str_or_empty, metavar="PATH")
+    key_file: str = setting("", help="PEM private key of cert_file", parse=to_str_or_empty,
+                            metavar="PATH")
+    ca_file: str = setting(
+        "",
+        help="PEM CA bundle: when set, TLS is mutual and every peer must present a certificate "
+        "it signed; empty = encryption without peer verification",
+        parse=to_str_or_empty,
+        metavar="PATH",
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.enabled and not (self.cert_file and self.key_file):
+            raise ConfigError("TLS is enabled but tls.cert_file or tls.key_file is empty",
+                              key="tls.enabled", value=True)
+
+
+@dataclass(frozen=True, repr=False)
+class StoreConfig(Section):
+    """Store-client settings of ours: the tenant a client acts as on a multi-tenant master."""
+
+    name: ClassVar[str] = "store"
+
+    tenant_id: str = setting(
+        "",
+        help="tenant this client authenticates to the master as; empty = no tenant",
+        parse=to_str_or_empty,
+        metavar="ID",
+    )
+    tenant_secret: bytes | None = setting(
+        None,
+        help="the tenant's secret (proves tenant_id to the master)",
+        parse=to_secret,
+        secret=True,
+        cli=False,
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if bool(self.tenant_id) != (self.tenant_secret is not None):
+            raise ConfigError("store.tenant_id and store.tenant_secret must be set together",
+                              key="store.tenant_id", value=self.tenant_id)
+
+    def __repr__(self) -> str:
+        shown = None if self.tenant_secret is None else REDACTED
+        return f"StoreConfig(tenant_id={self.tenant_id!r}, tenant_secret={shown})"
+
+
 SECTIONS: tuple[type[Section], ...] = (
     RpcConfig,
     MasterConfig,
@@ -345,6 +416,8 @@ SECTIONS: tuple[type[Section], ...] = (
     EtcdConfig,
     TransferConfig,
     ProxyConfig,
+    TlsConfig,
+    StoreConfig,
 )
 _SECTION_BY_NAME: dict[str, type[Section]] = {cls.name: cls for cls in SECTIONS}
 
@@ -424,6 +497,8 @@ class MooncakeConfig:
     etcd: EtcdConfig = field(default_factory=EtcdConfig)
     transfer: TransferConfig = field(default_factory=TransferConfig)
     proxy: ProxyConfig = field(default_factory=ProxyConfig)
+    tls: TlsConfig = field(default_factory=TlsConfig)
+    store: StoreConfig = field(default_factory=StoreConfig)
 
     def __post_init__(self) -> None:
         for name, cls in _SECTION_BY_NAME.items():

@@ -60,6 +60,11 @@ Handshake
     under the ``server`` label, which the client checks in turn (mutual authentication). A
     client configured with a secret refuses a server that does not authenticate. The server
     closes a connection whose handshake is not done within ``handshake_timeout`` (5 s).
+    AUTH may name an ``identity`` (``[proof, identity]``): the proof then uses that identity's
+    own secret and covers the identity; handlers see it through :func:`peer_identity`.
+TLS
+    Optional (``tls=`` contexts from :mod:`transfer.tls`): the whole exchange above runs inside
+    a TLS connection; it composes with the HMAC handshake.
 Errors
     Unknown method, a body that does not decode as the method's type, or a raising handler
     get an ERROR reply with that request's id and the connection stays up. Frames that break
@@ -79,7 +84,7 @@ from .errors import (
     RpcTimeoutError,
 )
 from .loop import BackgroundLoop, get_background_loop, new_event_loop
-from .server import RpcServer, ServerStats
+from .server import RpcServer, ServerStats, peer_identity
 from .sync_client import SyncRpcClient
 from .wire import DEFAULT_MAX_FRAME_SIZE, PROTOCOL_VERSION
 
@@ -100,4 +105,5 @@ __all__ = [
     "SyncRpcClient",
     "get_background_loop",
     "new_event_loop",
+    "peer_identity",
 ]

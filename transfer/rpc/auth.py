@@ -11,6 +11,10 @@ answers with ``HMAC(secret, SERVER_LABEL || client_nonce || server_nonce)``. Why
 * the server proves itself only *after* checking the client, so an unauthenticated peer
   receives nothing computed from the secret (it gets a refusal and a closed connection);
 * digests are compared with :func:`hmac.compare_digest` (constant time).
+
+A client may also authenticate as a named *identity* (a tenant of the store master) with that
+identity's own secret: the identity is then part of both proofs, so a proof for one identity is
+worthless for another even if two identities were given the same secret.
 """
 from __future__ import annotations
 
@@ -39,14 +43,23 @@ def new_nonce() -> bytes:
     return secrets.token_bytes(NONCE_SIZE)
 
 
-def client_proof(secret: bytes, client_nonce: bytes, server_nonce: bytes) -> bytes:
-    """What the client sends to prove it knows ``secret``."""
-    return hmac.new(secret, _CLIENT_LABEL + client_nonce + server_nonce, hashlib.sha256).digest()
+def client_proof(secret: bytes, client_nonce: bytes, server_nonce: bytes,
+                 identity: str = "") -> bytes:
+    """What the client sends to prove it knows ``secret`` (of ``identity``, if one is named)."""
+    return hmac.new(secret, _CLIENT_LABEL + client_nonce + server_nonce + _bind(identity),
+                    hashlib.sha256).digest()
 
 
-def server_proof(secret: bytes, client_nonce: bytes, server_nonce: bytes) -> bytes:
+def server_proof(secret: bytes, client_nonce: bytes, server_nonce: bytes,
+                 identity: str = "") -> bytes:
     """What the server sends back to prove it knows ``secret`` too."""
-    return hmac.new(secret, _SERVER_LABEL + client_nonce + server_nonce, hashlib.sha256).digest()
+    return hmac.new(secret, _SERVER_LABEL + client_nonce + server_nonce + _bind(identity),
+                    hashlib.sha256).digest()
+
+
+def _bind(identity: str) -> bytes:
+    # Empty for the cluster secret, so those proofs are unchanged on the wire.
+    return b"identity\x00" + identity.encode("utf-8") if identity else b""
 
 
 def proof_matches(expected: bytes, received: bytes) -> bool:

@@ -16,13 +16,16 @@ from __future__ import annotations
 
 import os
 import socket
+import ssl
 import struct
 import threading
+import time
 from typing import TypeVar
 
 import msgspec
 
 from . import auth
+from .client import check_identity
 from .errors import ErrorCode, RpcAuthError, RpcConnectionError, RpcError, RpcTimeoutError
 from .frames import HEADER_SIZE, encode_frame
 from .wire import (
@@ -76,6 +79,17 @@ class _Connection:
         self._view = memoryview(self._buf)
         self._start = 0
         self._end = 0
+        self.deadline = 0.0
+        """When the current call (or the handshake) must be over; 0 for no bound. Checked before
+        every receive, so a peer dripping bytes cannot stretch a call past its timeout."""
+
+    def _recv_into(self, view: memoryview) -> int:
+        if self.deadline:
+            left = self.deadline - time.monotonic()
+            if left <= 0:
+                raise socket.timeout("deadline passed")
+            self.sock.settimeout(left)
+        return self.sock.recv_into(view)
 
     def close(self) -> None:
         try:
@@ -93,7 +107,7 @@ class _Connection:
             self._buf[:held] = self._buf[self._start:self._end]
             self._start, self._end = 0, held
         while self._end - self._start < need:
-            n = self.sock.recv_into(self._view[self._end:])
+            n = self._recv_into(self._view[self._end:])
             if n == 0:
                 raise ConnectionError("the server closed the connection")
             self._end += n
@@ -119,7 +133,7 @@ class _Connection:
         self._start = self._end = 0
         view = memoryview(big)
         while have < length:
-            n = self.sock.recv_into(view[have:])
+            n = self._recv_into(view[have:])
             if n == 0:
                 raise ConnectionError("the server closed the connection")
             have += n
@@ -136,12 +150,15 @@ class BlockingRpcClient:
 
     def __init__(self, host: str, port: int, *, secret: bytes | None = None,
                  max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
-                 connect_timeout: float = 5.0) -> None:
+                 connect_timeout: float = 5.0, tls: ssl.SSLContext | None = None,
+                 identity: str | None = None) -> None:
         self.host = host
         self.port = int(port)
         self.address = f"{host}:{self.port}"
         self.connect_timeout = connect_timeout
         self._secret = auth.check_secret(secret)
+        self._identity = check_identity(identity, self._secret)
+        self._tls = tls
         self._max_frame_size = check_max_frame_size(max_frame_size)
         self._local = threading.local()
         self._lock = threading.Lock()
@@ -180,6 +197,7 @@ class BlockingRpcClient:
                            f"{conn.send_limit}-byte frame limit agreed with {self.address}")
         try:
             conn.sock.settimeout(timeout)
+            conn.deadline = time.monotonic() + timeout if timeout is not None else 0.0
             conn.send(frame)
             while True:
                 env = _decode_envelope(conn, conn.read_frame())
@@ -244,6 +262,9 @@ class BlockingRpcClient:
         conn = _Connection(self.address, sock, self._max_frame_size)
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if self._tls is not None:  # the handshake runs now, bounded by connect_timeout
+                sock = conn.sock = self._tls.wrap_socket(sock, server_hostname=self.host)
+            conn.deadline = time.monotonic() + self.connect_timeout
             self._handshake(conn)
         except _Broken as e:
             conn.close()
@@ -287,15 +308,16 @@ class BlockingRpcClient:
             if self._secret is None:
                 raise RpcAuthError(f"{self.address} requires a shared secret and none is "
                                    "configured")
-            proof = auth.client_proof(self._secret, nonce, hello.nonce)
-            conn.send(encode_frame(conn.encoder, (Kind.AUTH, 0, "", Auth(proof))))
+            proof = auth.client_proof(self._secret, nonce, hello.nonce, self._identity)
+            conn.send(encode_frame(conn.encoder,
+                                   (Kind.AUTH, 0, "", Auth(proof, self._identity))))
             env = self._expect(conn, Kind.AUTH_OK)
             try:
                 ok = _AUTH_OK.decode(env.body)
             except _DECODE_ERRORS as e:
                 raise RpcConnectionError(f"malformed auth reply from {self.address}: {e}",
                                          ErrorCode.PROTOCOL_ERROR) from None
-            expected = auth.server_proof(self._secret, nonce, hello.nonce)
+            expected = auth.server_proof(self._secret, nonce, hello.nonce, self._identity)
             if not auth.proof_matches(expected, ok.proof):
                 raise RpcAuthError(f"{self.address} failed to prove it knows the shared secret")
         elif self._secret is not None:

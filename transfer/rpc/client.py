@@ -14,6 +14,7 @@ import heapq
 import logging
 import math
 import socket
+import ssl
 from typing import Any, Protocol, TypeVar, cast
 
 import msgspec
@@ -24,6 +25,7 @@ from .frames import HEADER_SIZE, FramedProtocol, encode_frame
 from .wire import (
     DEFAULT_MAX_FRAME_SIZE,
     HANDSHAKE_MAX_FRAME_SIZE,
+    MAX_IDENTITY_LENGTH,
     PROTOCOL_VERSION,
     Auth,
     AuthOk,
@@ -65,6 +67,17 @@ class Waiter(Protocol):
     def set_exception(self, exception: BaseException, /) -> None: ...
 
 
+def check_identity(identity: str | None, secret: bytes | None) -> str:
+    """Validate a client identity: ``""`` for none; a named one needs its secret."""
+    if not identity:
+        return ""
+    if not isinstance(identity, str) or len(identity) > MAX_IDENTITY_LENGTH:
+        raise ValueError(f"identity must be a str of at most {MAX_IDENTITY_LENGTH} characters")
+    if secret is None:
+        raise ValueError(f"identity {identity!r} needs its secret")
+    return identity
+
+
 def _set_nodelay(transport: asyncio.BaseTransport) -> None:
     sock = transport.get_extra_info("socket")
     if sock is not None:
@@ -83,6 +96,7 @@ class _ClientConnection(FramedProtocol):
         secret: bytes | None,
         max_frame_size: int,
         loop: asyncio.AbstractEventLoop,
+        identity: str = "",
     ) -> None:
         super().__init__(HANDSHAKE_MAX_FRAME_SIZE)
         self.address = address
@@ -96,6 +110,7 @@ class _ClientConnection(FramedProtocol):
         self.write_paused = False
         self._drain_waiters: list[asyncio.Future[None]] = []
         self._secret = secret
+        self._identity = identity
         self._own_max = max_frame_size
         self._nonce = auth.new_nonce()
         self._server_nonce = b""
@@ -196,6 +211,11 @@ class _ClientConnection(FramedProtocol):
     def eof_received(self) -> bool:
         return False  # the server never half-closes; treat EOF as the end of the connection
 
+    def frame_too_large(self, length: int) -> None:
+        self.fail(RpcError(ErrorCode.FRAME_TOO_LARGE,
+                           f"{self.address} sent a frame of {length} bytes, over the "
+                           f"{self.max_frame_size}-byte limit"))
+
     # -- receiving ----------------------------------------------------------------------------
 
     def frame_received(self, payload: memoryview) -> None:
@@ -269,7 +289,8 @@ class _ClientConnection(FramedProtocol):
             else:
                 ok = _AUTH_OK.decode(env.body)
                 assert self._secret is not None
-                expected = auth.server_proof(self._secret, self._nonce, self._server_nonce)
+                expected = auth.server_proof(self._secret, self._nonce, self._server_nonce,
+                                             self._identity)
                 if not auth.proof_matches(expected, ok.proof):
                     self.fail(RpcAuthError(
                         f"{self.address} failed to prove it knows the shared secret"))
@@ -289,8 +310,8 @@ class _ClientConnection(FramedProtocol):
                 return
             self._server_nonce = hello.nonce
             self._state = Kind.AUTH_OK
-            proof = auth.client_proof(self._secret, self._nonce, hello.nonce)
-            self._send(Kind.AUTH, Auth(proof))
+            proof = auth.client_proof(self._secret, self._nonce, hello.nonce, self._identity)
+            self._send(Kind.AUTH, Auth(proof, self._identity))
             return
         if self._secret is not None:
             self.fail(RpcAuthError(
@@ -341,6 +362,10 @@ class RpcClient:
     Not thread-safe: use it from the event loop it first ran on (see
     :class:`~transfer.rpc.SyncRpcClient` for threads). One connection carries any number of
     concurrent calls.
+
+    ``tls`` (a client-side :class:`ssl.SSLContext`, see :mod:`transfer.tls`) runs the
+    connection over TLS. ``identity`` authenticates as that named identity, with ``secret``
+    being the identity's own secret (a tenant of the store master).
     """
 
     def __init__(
@@ -351,12 +376,16 @@ class RpcClient:
         secret: bytes | None = None,
         max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
         connect_timeout: float = 5.0,
+        tls: ssl.SSLContext | None = None,
+        identity: str | None = None,
     ) -> None:
         self.host = host
         self.port = int(port)
         self.address = f"{host}:{self.port}"
         self.connect_timeout = connect_timeout
         self._secret = auth.check_secret(secret)
+        self._identity = check_identity(identity, self._secret)
+        self._tls = tls
         self._max_frame_size = check_max_frame_size(max_frame_size)
         self._conn: _ClientConnection | None = None
         self._connecting: asyncio.Task[_ClientConnection] | None = None
@@ -498,12 +527,18 @@ class RpcClient:
         made: list[_ClientConnection] = []
 
         def factory() -> _ClientConnection:
-            conn = _ClientConnection(self.address, self._secret, self._max_frame_size, loop)
+            conn = _ClientConnection(self.address, self._secret, self._max_frame_size, loop,
+                                     self._identity)
             made.append(conn)
             return conn
 
         async def open_and_handshake() -> _ClientConnection:
-            _, conn = await loop.create_connection(factory, self.host, self.port)
+            if self._tls is None:
+                _, conn = await loop.create_connection(factory, self.host, self.port)
+            else:
+                _, conn = await loop.create_connection(
+                    factory, self.host, self.port, ssl=self._tls, server_hostname=self.host,
+                    ssl_handshake_timeout=self.connect_timeout)
             await conn.ready
             return conn
 
@@ -521,7 +556,7 @@ class RpcClient:
                 f"connecting to {self.address} timed out after {self.connect_timeout}s")
             abandon(exc)
             raise exc from None
-        except OSError as e:
+        except OSError as e:  # ssl.SSLError included: a refused certificate, a plaintext peer
             exc = RpcConnectionError(f"cannot connect to {self.address}: {e}")
             abandon(exc)
             raise exc from e

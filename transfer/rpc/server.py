@@ -9,8 +9,10 @@ or the handshake closes that connection, and nothing one connection does affects
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import inspect
 import logging
+import ssl
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar, cast
@@ -38,7 +40,7 @@ from .wire import (
     decoder_for,
 )
 
-__all__ = ["RpcServer", "ServerStats"]
+__all__ = ["RpcServer", "ServerStats", "peer_identity"]
 
 logger = logging.getLogger(__name__)
 Req = TypeVar("Req")
@@ -53,6 +55,24 @@ _DECODE_ERRORS = (msgspec.DecodeError, msgspec.ValidationError, RecursionError)
 _REQUEST = int(Kind.REQUEST)  # plain ints on the hot path (IntEnum lookups cost)
 _RESPONSE = int(Kind.RESPONSE)
 _ERROR_KIND = int(Kind.ERROR)
+
+#: Resolves a client-named identity to its secret (``None``: unknown identity).
+IdentitySecrets = Callable[[str], "bytes | None"]
+
+_IDENTITY: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+    "mooncake_rpc_identity", default=None)
+
+
+def peer_identity() -> str | None:
+    """The identity the calling connection authenticated as, inside a handler.
+
+    ``None`` for connections authenticated with the server's shared secret (or none). Set for
+    sync handlers and inherited by the tasks of ``async`` ones. Why a context variable and not a
+    handler argument: only the few servers with identities (the multi-tenant master) need it,
+    and every other handler keeps its one-argument signature.
+    """
+    return _IDENTITY.get()
+
 
 
 @dataclass(frozen=True)
@@ -89,6 +109,7 @@ class _ServerConnection(FramedProtocol):
         self.encoder = msgspec.msgpack.Encoder()
         self.tasks: set[asyncio.Task[None]] = set()
         self._state = Kind.HELLO
+        self.identity: str | None = None
         self._client_nonce = b""
         self._server_nonce = b""
         self._timer: asyncio.TimerHandle | None = None
@@ -165,7 +186,7 @@ class _ServerConnection(FramedProtocol):
 
     def _handshake_expired(self) -> None:
         self.close_with_error(
-            ErrorCode.UNAUTHENTICATED if self.server._secret else ErrorCode.PROTOCOL_ERROR,
+            ErrorCode.UNAUTHENTICATED if self.server.auth_required else ErrorCode.PROTOCOL_ERROR,
             f"handshake not completed within {self.server.handshake_timeout}s")
 
     # -- sending ------------------------------------------------------------------------------
@@ -238,7 +259,7 @@ class _ServerConnection(FramedProtocol):
     def _handshake(self, env: Envelope) -> None:
         server = self.server
         if env.kind != self._state:
-            code = ErrorCode.UNAUTHENTICATED if server._secret else ErrorCode.PROTOCOL_ERROR
+            code = ErrorCode.UNAUTHENTICATED if server.auth_required else ErrorCode.PROTOCOL_ERROR
             self.close_with_error(code, f"expected a {self._state.name} message to start the "
                                         f"handshake, got kind {env.kind}")
             return
@@ -256,21 +277,29 @@ class _ServerConnection(FramedProtocol):
             self._server_nonce = auth.new_nonce()
             self._send_handshake(Kind.HELLO, Hello(
                 PROTOCOL_VERSION, server.max_frame_size, self._server_nonce,
-                auth_required=server._secret is not None))
-            if server._secret is None:
+                auth_required=server.auth_required))
+            if not server.auth_required:
                 self._handshake_done()
             else:
                 self._state = Kind.AUTH
             return
-        assert server._secret is not None
-        proof = _AUTH.decode(env.body).proof
-        expected = auth.client_proof(server._secret, self._client_nonce, self._server_nonce)
-        if not auth.proof_matches(expected, proof):
-            logger.warning("rejecting %s: wrong shared secret", self.peer)
+        msg = _AUTH.decode(env.body)
+        identity = msg.identity
+        if identity:
+            secret = server._identities(identity) if server._identities is not None else None
+        else:
+            secret = server._secret
+        # An unknown identity costs the same HMAC as a known one: timing tells nothing.
+        expected = auth.client_proof(secret or b"\x00", self._client_nonce, self._server_nonce,
+                                     identity)
+        if secret is None or not auth.proof_matches(expected, msg.proof):
+            logger.warning("rejecting %s: wrong %s", self.peer,
+                           "identity or secret" if identity else "shared secret")
             self.close_with_error(ErrorCode.UNAUTHENTICATED, "authentication failed")
             return
         self._send_handshake(Kind.AUTH_OK, AuthOk(
-            auth.server_proof(server._secret, self._client_nonce, self._server_nonce)))
+            auth.server_proof(secret, self._client_nonce, self._server_nonce, identity)))
+        self.identity = identity or None
         self._handshake_done()
 
     def _handshake_done(self) -> None:
@@ -281,6 +310,16 @@ class _ServerConnection(FramedProtocol):
             self._timer = None
 
     def _dispatch(self, env: Envelope) -> None:
+        if self.identity is None:
+            self._dispatch_as(env)
+            return
+        token = _IDENTITY.set(self.identity)
+        try:
+            self._dispatch_as(env)  # async handlers' tasks copy the context here
+        finally:
+            _IDENTITY.reset(token)
+
+    def _dispatch_as(self, env: Envelope) -> None:
         server = self.server
         server._requests += 1
         request_id = env.request_id
@@ -350,6 +389,11 @@ class RpcServer:
     or call :meth:`start_in` from sync code to run it on a :class:`BackgroundLoop`. Sync
     handlers run inline on the event loop and must not block; put blocking work in an
     ``async def`` handler (e.g. with ``loop.run_in_executor``).
+
+    ``tls`` (a server-side :class:`ssl.SSLContext`, see :mod:`transfer.tls`) wraps every
+    connection in TLS before the RPC handshake; a peer that does not speak TLS is dropped after
+    the TLS handshake fails and never sees a frame. ``identities`` lets clients authenticate as
+    a named identity with its own secret instead of ``secret`` (see :func:`peer_identity`).
     """
 
     def __init__(
@@ -361,6 +405,8 @@ class RpcServer:
         max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
         handshake_timeout: float = 5.0,
         max_inflight_per_connection: int = 1024,
+        tls: ssl.SSLContext | None = None,
+        identities: IdentitySecrets | None = None,
     ) -> None:
         if handshake_timeout <= 0:
             raise ValueError("handshake_timeout must be positive")
@@ -372,6 +418,9 @@ class RpcServer:
         self.handshake_timeout = handshake_timeout
         self.max_inflight_per_connection = max_inflight_per_connection
         self._secret = auth.check_secret(secret)
+        self._tls = tls
+        self._identities = identities
+        self.auth_required = self._secret is not None or identities is not None
         self._methods: dict[str, _Method[Any, Any]] = {}
         self._server: asyncio.AbstractServer | None = None
         self._port: int | None = None
@@ -454,8 +503,11 @@ class RpcServer:
         if self._server is not None:
             raise RuntimeError("server is already started")
         loop = asyncio.get_running_loop()
+        tls_options = ({} if self._tls is None else
+                       {"ssl": self._tls, "ssl_handshake_timeout": self.handshake_timeout})
         self._server = await loop.create_server(
-            lambda: _ServerConnection(self), self.host, self._requested_port, reuse_address=True)
+            lambda: _ServerConnection(self), self.host, self._requested_port, reuse_address=True,
+            **tls_options)
         self._port = int(self._server.sockets[0].getsockname()[1])
         logger.debug("RPC server listening on %s:%d", self.host, self._port)
 

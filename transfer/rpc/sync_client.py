@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import ssl
 import threading
 import time
 from typing import Any, TypeVar
@@ -88,10 +89,12 @@ class SyncRpcClient:
         max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
         connect_timeout: float = 5.0,
         loop: BackgroundLoop | None = None,
+        tls: ssl.SSLContext | None = None,
+        identity: str | None = None,
     ) -> None:
         self._background = loop if loop is not None else get_background_loop()
         self._client = RpcClient(host, port, secret=secret, max_frame_size=max_frame_size,
-                                 connect_timeout=connect_timeout)
+                                 connect_timeout=connect_timeout, tls=tls, identity=identity)
         self._pid = os.getpid()
         self._closed = False
         self._background.on_stop(self._client.close)

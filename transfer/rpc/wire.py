@@ -92,10 +92,15 @@ class Hello(msgspec.Struct, array_like=True, gc=False):
     auth_required: bool = False
 
 
-class Auth(msgspec.Struct, array_like=True, gc=False):
-    """Client to server: proof that the client knows the shared secret."""
+MAX_IDENTITY_LENGTH = 128
+
+
+class Auth(msgspec.Struct, array_like=True, gc=False, omit_defaults=True):
+    """Client to server: proof that the client knows the shared secret - or, with an
+    ``identity``, that identity's own secret (tenants of the store master)."""
 
     proof: Annotated[bytes, msgspec.Meta(max_length=64)]
+    identity: Annotated[str, msgspec.Meta(max_length=MAX_IDENTITY_LENGTH)] = ""
 
 
 class AuthOk(msgspec.Struct, array_like=True, gc=False):

@@ -19,6 +19,13 @@ The server checks ``[remote_addr, remote_addr + length)`` against its registry *
 memory. A WRITE to a bad range has its payload drained (bounded by ``MAX_SLICE``) and gets an
 error status, so the stream stays in sync; a length above ``MAX_SLICE`` or a bad magic closes
 the connection.
+
+With TLS (``tls`` contexts from :mod:`transfer.tls`) each connection is wrapped right after
+``connect``/``accept`` and everything above runs inside it: the HMAC handshake still happens (the
+two compose), a plaintext peer fails the TLS handshake and is closed before it can send a
+request, and with a CA a peer without a certificate from it is refused. Only the send call
+differs (``SSLSocket`` has no ``sendmsg``): it is chosen once per connection, so plain TCP keeps
+its single ``sendmsg`` per slice.
 """
 from __future__ import annotations
 
@@ -27,6 +34,7 @@ import contextlib
 import logging
 import os
 import socket
+import ssl
 import struct
 import threading
 from collections.abc import Callable, Mapping, Sequence
@@ -36,6 +44,7 @@ from typing import Any
 from transfer.errors import AddressError
 from transfer.memory import MemoryRegistry, Region, memory_at
 from transfer.rpc import auth
+from transfer.tls import HANDSHAKE_TIMEOUT, TlsContexts
 from transfer.transports.base import Opcode, Slice, Transport, TransportError
 
 __all__ = ["MAX_SLICE", "PROTOCOL_VERSION", "TcpTransport"]
@@ -85,6 +94,20 @@ def _send(sock: socket.socket, head: bytes, payload: memoryview | None = None) -
         sock.sendall(payload[sent - len(head):])
 
 
+def _send_tls(sock: socket.socket, head: bytes, payload: memoryview | None = None) -> None:
+    """:func:`_send` for TLS sockets: two writes (TLS records), still no copy of the payload."""
+    sock.sendall(head)
+    if payload is not None and len(payload):
+        sock.sendall(payload)
+
+
+_Sender = Callable[[socket.socket, bytes, "memoryview | None"], None]
+
+
+def _sender(sock: socket.socket) -> _Sender:
+    return _send_tls if isinstance(sock, ssl.SSLSocket) else _send
+
+
 def _tune(sock: socket.socket) -> None:
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)  # a vanished peer frees threads
@@ -97,9 +120,11 @@ class _Server:
     """Accepts data connections and serves slices against the engine's registry."""
 
     def __init__(self, registry: MemoryRegistry, bind_host: str, secret: bytes | None,
-                 io_timeout: float, region_io: tuple[Any, ...] | None) -> None:
+                 io_timeout: float, region_io: tuple[Any, ...] | None,
+                 tls: ssl.SSLContext | None = None) -> None:
         self._registry = registry
         self._secret = secret
+        self._tls = tls
         self._io_timeout = io_timeout
         self._region_io = region_io
         self._sock = socket.create_server((bind_host, 0), backlog=128)
@@ -125,20 +150,32 @@ class _Server:
             threading.Thread(target=self._serve, args=(conn,), daemon=True,
                              name="mooncake-tcp-serve").start()
 
-    def _serve(self, conn: socket.socket) -> None:
+    def _serve(self, raw: socket.socket) -> None:
+        conn = raw
         try:
-            _tune(conn)
-            conn.settimeout(5.0)
+            _tune(raw)
+            raw.settimeout(HANDSHAKE_TIMEOUT)
+            if self._tls is not None:
+                try:
+                    conn = self._tls.wrap_socket(raw, server_side=True)
+                except (ssl.SSLError, OSError) as e:
+                    logger.warning("refused a data connection: TLS handshake failed: %s", e)
+                    return
+                with self._lock:  # close() shuts down what it finds here: the live socket
+                    self._conns.discard(raw)
+                    self._conns.add(conn)
             if not self._handshake(conn):
                 return
             conn.settimeout(None)  # idle streams are fine; a peer's death closes the socket
-            self._serve_requests(conn)
+            self._serve_requests(conn, _sender(conn))
         except (OSError, ConnectionError) as e:
             logger.debug("data connection closed: %s", e)
         finally:
             with self._lock:
+                self._conns.discard(raw)
                 self._conns.discard(conn)
             conn.close()
+            raw.close()
 
     def _handshake(self, conn: socket.socket) -> bool:
         hello = bytearray(_HELLO.size)
@@ -160,7 +197,7 @@ class _Server:
         conn.sendall(b"\x01" + auth.server_proof(self._secret, client_nonce, server_nonce))
         return True
 
-    def _serve_requests(self, conn: socket.socket) -> None:
+    def _serve_requests(self, conn: socket.socket, send: _Sender) -> None:
         head = bytearray(_REQ.size)
         head_view = memoryview(head)
         scratch: bytearray | None = None
@@ -191,15 +228,15 @@ class _Server:
                 self._reply_error(conn, tag, _BAD_RANGE, str(e))
                 continue
             if not region.direct:
-                self._serve_staged(conn, op, tag, region, addr, length)
+                self._serve_staged(conn, send, op, tag, region, addr, length)
             elif op == Opcode.WRITE:
                 _recv_exact(conn, memory_at(addr, length))
                 conn.sendall(_RESP.pack(_MAGIC, _OK, 0, tag, 0))
             else:
-                _send(conn, _RESP.pack(_MAGIC, _OK, 0, tag, length), memory_at(addr, length))
+                send(conn, _RESP.pack(_MAGIC, _OK, 0, tag, length), memory_at(addr, length))
 
-    def _serve_staged(self, conn: socket.socket, op: int, tag: int, region: Region,
-                      addr: int, length: int) -> None:
+    def _serve_staged(self, conn: socket.socket, send: _Sender, op: int, tag: int,
+                      region: Region, addr: int, length: int) -> None:
         # The engine's region I/O may offer pinned buffers (CUDA) as a third element.
         buffer = self._region_io[2] if self._region_io and len(self._region_io) > 2 else None
         try:
@@ -211,7 +248,7 @@ class _Server:
                     conn.sendall(_RESP.pack(_MAGIC, _OK, 0, tag, 0))
                 else:
                     self._load(region, addr, staging)
-                    _send(conn, _RESP.pack(_MAGIC, _OK, 0, tag, length), staging)
+                    send(conn, _RESP.pack(_MAGIC, _OK, 0, tag, length), staging)
         except (OSError, RuntimeError, ImportError) as e:
             if isinstance(e, (ConnectionError, socket.timeout)):
                 raise
@@ -296,8 +333,10 @@ class TcpTransport(Transport):
     def __init__(self, registry: MemoryRegistry, *, host: str, bind_host: str | None = None,
                  secret: bytes | None = None, streams_per_peer: int = 4,
                  io_timeout: float = 10.0, connect_timeout: float = 5.0,
-                 region_io: tuple[RegionIO, RegionIO] | None = None) -> None:
+                 region_io: tuple[RegionIO, RegionIO] | None = None,
+                 tls: TlsContexts | None = None) -> None:
         self._registry = registry
+        self.tls = tls
         self._host = host
         self._bind_host = bind_host or host
         self._secret = auth.check_secret(secret)
@@ -313,7 +352,7 @@ class TcpTransport(Transport):
 
     async def start(self) -> dict[str, Any]:
         self._server = _Server(self._registry, self._bind_host, self._secret, self._io_timeout,
-                               self._region_io)
+                               self._region_io, None if self.tls is None else self.tls.server)
         return {"host": self._host, "port": self._server.port}
 
     def reachable(self, peer_entry: Mapping[str, Any]) -> bool:
@@ -354,6 +393,8 @@ class TcpTransport(Transport):
         sock = socket.create_connection((host, port), timeout=self._connect_timeout)
         try:
             _tune(sock)
+            if self.tls is not None:  # handshake now, within connect_timeout
+                sock = self.tls.client.wrap_socket(sock, server_hostname=host)
             client_nonce = auth.new_nonce()
             sock.sendall(_HELLO.pack(_TAG, PROTOCOL_VERSION, client_nonce))
             welcome = bytearray(_WELCOME.size)
@@ -382,6 +423,7 @@ class TcpTransport(Transport):
         """Send up to ``_PIPELINE`` requests ahead of their responses (order is preserved)."""
         sock = stream.sock
         assert sock is not None
+        send = _sender(sock)
         resp = bytearray(_RESP.size)
         resp_view = memoryview(resp)
         inflight: list[tuple[int, Slice]] = []
@@ -395,7 +437,7 @@ class TcpTransport(Transport):
                 stream.next_tag = (tag + 1) & 0xFFFFFFFF
                 head = _REQ.pack(_MAGIC, s.opcode, 0, tag, s.remote_addr, s.length)
                 payload = memory_at(s.local_addr, s.length) if s.opcode == Opcode.WRITE else None
-                _send(sock, head, payload)
+                send(sock, head, payload)
                 inflight.append((tag, s))
                 continue
             tag, s = inflight.pop(0)
