@@ -58,6 +58,9 @@ _FLAGS: list[tuple[str, str, Callable[[str], Any], str, str]] = [
      "declare a client dead after this long without a heartbeat (default 10)"),
     ("put_start_timeout", "master.put_start_timeout", partial(to_float, lo=0.01, hi=3600.0),
      "SECONDS", "revoke puts not ended within this (default 30)"),
+    ("tenants_file", "master.tenants_file", str, "PATH",
+     "JSON/YAML file of tenants (id -> secret, quota); needs the cluster auth secret "
+     "(docs/security.md; default: single tenant)"),
     ("etcd_endpoints", "etcd.endpoints", to_addresses, "HOST:PORT[,...]",
      "etcd endpoints; with --enable_ha, used for leader election and discovery"),
     ("enable_ha", "master.enable_ha", to_bool, "BOOL",

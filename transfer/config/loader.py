@@ -50,10 +50,13 @@ MAX_CONFIG_FILE_BYTES = 1 << 20
 # Mooncake-ecosystem keys we accept and ignore: key -> who writes it and why we do not need it.
 IGNORED_MOONCAKE_KEYS: Mapping[str, str] = {
     "mode": "vLLM MooncakeStoreConfig topology (embedded/standalone-store)",
-    "tenant_id": "Mooncake/vLLM store tenant; this store has a single tenant",
-    "enable_offload": "vLLM MooncakeStoreConfig SSD tier; not implemented here",
-    "enable_ssd_offload": "Mooncake SSD offload; not implemented here",
-    "ssd_offload_path": "Mooncake SSD offload; not implemented here",
+    "tenant_id": "Mooncake/vLLM store tenant label; our tenants are store.tenant_id with "
+                 "store.tenant_secret, proven to the master (docs/security.md)",
+    "enable_offload": "vLLM MooncakeStoreConfig SSD tier; here master.enable_ssd_offload and a "
+                      "store node's --ssd-dir/--ssd-size decide",
+    "enable_ssd_offload": "Mooncake client SSD offload; here master.enable_ssd_offload and a "
+                          "store node's --ssd-dir/--ssd-size decide",
+    "ssd_offload_path": "Mooncake client SSD offload; here a store node's --ssd-dir",
     "metadata_backend": "legacy vLLM MooncakeConnector; the backend follows from metadata_server",
     "localhost_name": "legacy vLLM MooncakeConnector spelling; use local_hostname",
     "prefill_url": "legacy vLLM MooncakeConnector (v0 disaggregation)",

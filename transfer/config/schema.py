@@ -19,23 +19,31 @@ from functools import partial
 from typing import Any, ClassVar, TypeVar
 
 from transfer.config.errors import REDACTED, ConfigError
-from transfer.config.sizes import format_size
+from transfer.config.fields import (
+    DEFAULT_BIND_HOST,
+    Section,
+    Setting,
+    _bind_port,
+    _host,
+    _plain,
+    _setting_of,
+    _size,
+    _timeout,
+    _validate_fields,
+    setting,
+)
 from transfer.config.values import (
     P2P_HANDSHAKE,
-    Converter,
     to_address,
     to_addresses,
     to_bool,
     to_choice,
     to_float,
-    to_host,
     to_http_path,
     to_int,
     to_local_hostname,
     to_metadata_server,
-    to_port,
     to_secret,
-    to_size,
     to_str_or_empty,
 )
 
@@ -68,107 +76,9 @@ DEFAULT_MASTER_PORT = 50051
 DEFAULT_METADATA_PORT = 8080
 DEFAULT_METRICS_PORT = 9003
 DEFAULT_PROXY_PORT = 8000
-DEFAULT_BIND_HOST = "127.0.0.1"
 
 _MIB = 1 << 20
 _GIB = 1 << 30
-_ONE_HOUR = 3600.0
-
-_SETTING = "mooncake.setting"
-
-
-@dataclass(frozen=True)
-class Setting:
-    """What the loader, env mapping and CLI need to know about one field."""
-
-    help: str
-    parse: Converter
-    metavar: str = "VALUE"
-    env: str | None = None  # Mooncake's own variable name; default is MOONCAKE_<SECTION>_<FIELD>
-    secret: bool = False  # never printed: repr, to_dict, logs and errors show "<redacted>"
-    cli: bool = True  # secrets stay off the command line (visible in ps / shell history)
-    flag: bool = False  # a boolean switch: --x / --no-x on the command line
-
-
-def setting(default: Any = dataclasses.MISSING, **kwargs: Any) -> Any:
-    """A dataclass field carrying a :class:`Setting` (the typing lie is dataclasses' own)."""
-    return field(default=default, metadata={_SETTING: Setting(**kwargs)})
-
-
-def _host(help: str) -> Any:
-    return setting(DEFAULT_BIND_HOST, help=help, parse=to_host, metavar="HOST")
-
-
-def _bind_port(default: int, help: str) -> Any:
-    return setting(
-        default,
-        help=help + "; 0 = any free port",
-        parse=partial(to_port, allow_zero=True),
-        metavar="PORT",
-    )
-
-
-def _size(default: int, lo: int, hi: int, help: str, env: str | None = None) -> Any:
-    return setting(
-        default,
-        help=f"{help} [{format_size(lo)}..{format_size(hi)}]",
-        parse=partial(to_size, lo=lo, hi=hi),
-        metavar="SIZE",
-        env=env,
-    )
-
-
-def _timeout(default: float, help: str) -> Any:
-    return setting(
-        default,
-        help=help + ", in seconds",
-        parse=partial(to_float, lo=0.0, hi=_ONE_HOUR),
-        metavar="SECONDS",
-    )
-
-
-def _setting_of(f: dataclasses.Field[Any]) -> Setting | None:
-    return f.metadata.get(_SETTING)
-
-
-def _validate_fields(obj: Any, prefix: str) -> None:
-    """Convert every setting field of ``obj`` in place, or raise one ConfigError naming the key."""
-    for f in dataclasses.fields(obj):
-        spec = _setting_of(f)
-        if spec is None:
-            continue
-        raw = getattr(obj, f.name)
-        try:
-            value = spec.parse(raw)
-        except (TypeError, ValueError) as exc:
-            raise ConfigError(
-                str(exc), key=prefix + f.name, value=raw, secret=spec.secret
-            ) from None
-        object.__setattr__(obj, f.name, value)
-
-
-_S = TypeVar("_S", bound="Section")
-
-
-@dataclass(frozen=True)
-class Section:
-    """Base of the nested sections; ``name`` is the key in the file and the env/flag prefix."""
-
-    name: ClassVar[str] = ""
-
-    def __post_init__(self) -> None:
-        _validate_fields(self, f"{self.name}.")
-
-    def replace(self: _S, **changes: Any) -> _S:
-        """A validated copy with ``changes`` applied (values are converted like file values)."""
-        return dataclasses.replace(self, **changes)
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain data that :func:`~transfer.config.load_config` reads back to an equal section."""
-        return {
-            f.name: _plain(getattr(self, f.name), _setting_of(f)) for f in dataclasses.fields(self)
-        }
-
 
 @dataclass(frozen=True)
 class RpcConfig(Section):
@@ -559,14 +469,6 @@ class MooncakeConfig:
             shown = REDACTED if spec and spec.secret and value is not None else repr(value)
             parts.append(f"{f.name}={shown}")
         return f"MooncakeConfig({', '.join(parts)})"
-
-
-def _plain(value: Any, spec: Setting | None) -> Any:
-    if spec is not None and spec.secret:
-        return None if value is None else REDACTED
-    if isinstance(value, tuple):
-        return list(value)
-    return value
 
 
 def build_section(cls: type[Section], values: Mapping[str, Any]) -> Section:
