@@ -17,6 +17,7 @@ import pytest
 
 from scheduler.sim.cluster import ClusterConfig
 from scheduler.sim.engine import SimOptions, simulate
+from scheduler.sim.scenarios import LIGHT_OVERLOAD_CLUSTER, OVERLOAD_CLUSTER, run_rejection_modes
 from scheduler.sim.trace import TRACES_HELP, TraceError, hit_ceiling, load_trace
 
 PAPER_TTFT = {"random": 19.65, "load_balance": 5.27, "local_cache": 3.58, "global_cache": 3.07}
@@ -62,26 +63,68 @@ def test_ttft_ordering_and_means_on_conversation():
         assert means[policy] == pytest.approx(paper, rel=TOLERANCE[policy]), (policy, means)
 
 
-REJECTION_CLUSTER = ClusterConfig(n_prefill=8, n_decode=2, speed=1.0, kv_capacity_tokens=200_000)
+# The first half of the conversation trace (~30 min of traffic) keeps these runs short; the
+# full-trace figures are benchmarks/sim_bench.py, with the same scenario code.
+REJECTION_REQUESTS = 6000
 
 
 @pytest.fixture(scope="module")
-def rejection_runs():
-    trace = _trace("conversation")
-    return {
-        mode: simulate(trace, REJECTION_CLUSTER, SimOptions(rejection=mode)).summary
-        for mode in ("none", "naive", "predictive")
-    }
+def light_overload():
+    """8P+2D, 200k tokens of decode KV, 1x: decode-bound, prefill nearly idle."""
+    trace = _trace("conversation", limit=REJECTION_REQUESTS)
+    return run_rejection_modes(trace, LIGHT_OVERLOAD_CLUSTER, ttft_timeout=False)
 
 
-def test_early_rejection_wastes_less_prefill(rejection_runs):
+@pytest.fixture(scope="module")
+def overload():
+    """The same cluster at 2x with clients giving up at the TTFT SLO (scheduler.sim.scenarios)."""
+    trace = _trace("conversation", limit=REJECTION_REQUESTS)
+    return run_rejection_modes(trace, OVERLOAD_CLUSTER, ttft_timeout=True)
+
+
+def _summaries(runs):
+    return tuple(runs[m].summary for m in ("none", "naive", "predictive"))
+
+
+def test_early_rejection_wastes_less_prefill(light_overload):
     """Table 3's trend in wasted prefill: predictive <= naive <= none, and naive rejects no more
     than none (decode is the bottleneck: 2 decode nodes with 200k tokens of KV each)."""
-    none, naive, pred = (rejection_runs[m] for m in ("none", "naive", "predictive"))
+    none, naive, pred = _summaries(light_overload)
     assert none.rejected_early == 0 and none.rejected_late > 0
     assert pred.wasted_prefill_requests <= naive.wasted_prefill_requests
     assert naive.wasted_prefill_requests <= none.wasted_prefill_requests
     assert naive.wasted_prefill_s <= none.wasted_prefill_s
     # Not asserted: predictive's wasted prefill *seconds* are about naive's (the few requests it
-    # still loses late are the longest prompts, whose KV does not fit); see the report.
+    # still loses late are the longest prompts, whose KV does not fit).
     assert naive.rejected <= none.rejected * 1.02
+
+
+def test_overload_rejections_and_wasted_prefill(overload):
+    """With prefill loaded too, the baseline's wasted prefill costs rejections: its prefill
+    queue passes the TTFT SLO and clients give up. Wasted prefill follows Table 3 in requests
+    (predictive < naive < none) and naive rejects fewer than none. Open (not asserted, see the
+    benchmark's ``paper_trend``): predictive rejects more in total than naive here."""
+    none, naive, pred = _summaries(overload)
+    assert none.rejected_early == 0
+    assert naive.rejected < none.rejected
+    assert pred.wasted_prefill_requests < naive.wasted_prefill_requests
+    assert naive.wasted_prefill_requests < none.wasted_prefill_requests
+    assert naive.wasted_prefill_s < none.wasted_prefill_s
+    assert naive.goodput > none.goodput
+    assert any("TTFT SLO passed" in r.reason for r in overload["none"].records)
+
+
+@pytest.mark.parametrize("setup", ["light_overload", "overload"])
+def test_naive_anti_phase_removed_by_prediction(setup, request):
+    """Fig. 9's signature: under naive rejection prefill and decode load move in opposite
+    phases (naive stops admitting while decode is full, so prefill empties, then admits a wave
+    that reaches decode one prefill later); predicting the load at decode-join time counts the
+    requests still in prefill and removes it. Measured as the correlation of the two series."""
+    runs = request.getfixturevalue(setup)
+    naive = runs["naive"].summary.extra
+    pred = runs["predictive"].summary.extra
+    assert naive["prefill_decode_corr"] < -0.2
+    assert pred["prefill_decode_corr"] > naive["prefill_decode_corr"] + 0.15
+    for mode in ("none", "naive", "predictive"):
+        x = runs[mode].summary.extra
+        assert 0 < x["decode_load_mean"] <= 1.0 and 0 < x["decode_load_std"] < x["decode_load_p2t"]

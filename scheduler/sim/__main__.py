@@ -62,6 +62,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threshold", type=float, default=1.25, help="kvcache_balancing_threshold")
     p.add_argument("--output-hint", choices=("mean", "oracle"), default="mean")
     p.add_argument("--prefill-noise", type=float, default=0.0)
+    p.add_argument(
+        "--ttft-timeout",
+        action="store_true",
+        help="clients give up at the TTFT SLO (counted as late rejections)",
+    )
+    p.add_argument(
+        "--decode-admission",
+        choices=("reject", "queue"),
+        default="reject",
+        help="a full decode instance rejects a prefilled request, or queues it",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", nargs="?", const="-", default=None, help="write JSON (file or -)")
     p.add_argument("--plots", default=None, help="directory for PNG plots")
@@ -85,6 +96,7 @@ def cluster_from_args(args: argparse.Namespace) -> ClusterConfig:
         tbt_slo_s=args.tbt_slo,
         speed=args.speed,
         prefill_noise=args.prefill_noise,
+        decode_admission=args.decode_admission,
     )
 
 
@@ -183,6 +195,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 output_hint=args.output_hint,
                 kvcache_balancing_threshold=args.threshold,
                 sample_every_s=10.0 if args.plots else 0.0,
+                ttft_timeout=args.ttft_timeout,
             )
             results.append(simulate(trace, cluster, opts))
     ceiling = hit_ceiling(trace)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import heapq
 from collections import deque
 from dataclasses import dataclass, field
+from typing import Literal
 
 from ..policy import BlockIndex, DecodeModel, EvictionPolicy, TransferModel
 
@@ -39,6 +40,11 @@ class ClusterConfig:
     prefill_noise: float = 0.0  # relative std-dev of true prefill time around the model
     transfer: TransferModel = field(default_factory=TransferModel)
     decode: DecodeModel = field(default_factory=DecodeModel)
+    decode_admission: Literal["reject", "queue"] = "reject"
+    """What a decode instance does with a prefilled request that does not fit its KV memory or
+    TBT SLO: ``reject`` it at once (the paper's late rejection, the default), or ``queue`` it
+    first come first served until sequences finish, as vLLM's waiting queue does (a request
+    larger than the whole KV memory is still rejected at once)."""
 
     def __post_init__(self) -> None:
         if self.n_prefill <= 0 or self.n_decode <= 0:
@@ -47,6 +53,8 @@ class ClusterConfig:
             raise ValueError("speed must be > 0")
         if self.prefill_noise < 0:
             raise ValueError("prefill_noise must be >= 0")
+        if self.decode_admission not in ("reject", "queue"):
+            raise ValueError("decode_admission must be 'reject' or 'queue'")
 
     def prefill_seconds(self, n: int, p: int) -> float:
         p = min(max(p, 0), n)
@@ -99,6 +107,7 @@ class DecodeInstance:
         self.kv_capacity = kv_capacity
         self.model = model
         self.seqs: dict[int, _Seq] = {}
+        self.waiting: deque[int] = deque()  # prefilled, waiting for room (decode_admission=queue)
         self.tokens = 0
         self.progress = 0.0
         self.last_t = 0.0

@@ -25,10 +25,10 @@ from ..policy import (
     Role,
 )
 from .cluster import ClusterConfig, DecodeInstance, PrefillInstance
-from .metrics import LoadSample, RequestRecord, Summary, summarize
+from .metrics import LoadSample, RequestRecord, Summary, load_fluctuation, summarize
 from .trace import TraceRequest
 
-_ARRIVE, _XFER_DONE, _PREFILL_DONE, _DECODE_DONE, _SAMPLE = range(5)
+_ARRIVE, _XFER_DONE, _PREFILL_DONE, _DECODE_DONE, _SAMPLE, _DECODE_TIMEOUT = range(6)
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,6 +41,12 @@ class SimOptions:
     output_hint: str = "mean"  # "mean": Conductor's running mean; "oracle": the trace's length
     kvcache_balancing_threshold: float = 1.25
     sample_every_s: float = 0.0  # >0: record instance loads for the Fig. 9 plot
+    ttft_timeout: bool = False
+    """Clients give up at the TTFT SLO: a request still queued for prefill when its SLO has
+    passed is dropped unserved, and one whose prefill ends past the SLO is dropped with that
+    prefill wasted; both count as late rejections. Off by default (the TTFT-by-policy figures
+    measure the whole tail); on in the overload experiment, where a request that cannot get its
+    first token in time is a failed request, as in the paper's Table 3 accounting."""
 
 
 @dataclass(slots=True)
@@ -138,6 +144,7 @@ class Simulator:
             _PREFILL_DONE: self._on_prefill_done,
             _DECODE_DONE: self._on_decode_done,
             _SAMPLE: self._on_sample,
+            _DECODE_TIMEOUT: self._on_decode_timeout,
         }
         events = self._events
         pending = len(self.records)
@@ -154,6 +161,15 @@ class Simulator:
             self.cluster.tbt_slo_s,
             time.perf_counter() - wall,
         )
+        if self.samples and self.records:
+            # Fluctuation while load arrives: skip the first 10 % (the cluster filling up) and
+            # the drain after the last arrival.
+            first, last = self.records[0].arrival, self.records[-1].arrival
+            summary.extra.update(
+                load_fluctuation(
+                    self.samples, self.cluster.ttft_slo_s, first + 0.1 * (last - first), last
+                )
+            )
         return SimResult(summary, self.records, self.samples)
 
     # ---- prefill side --------------------------------------------------------------------------
@@ -176,10 +192,10 @@ class Simulator:
             self._start_next(t, inst)
 
     def _start_next(self, t: float, inst: PrefillInstance) -> None:
-        if not inst.queue:
+        idx = self._pop_live(t, inst)
+        if idx is None:
             inst.busy = False
             return
-        idx = inst.queue.popleft()
         inst.busy = True
         req = self.trace[idx]
         rec = self.records[idx]
@@ -210,6 +226,21 @@ class Simulator:
         self.conductor.on_prefill_started(str(idx), at=t + xfer_time)
         self._push(t + xfer_time + compute, _PREFILL_DONE, (inst.id, idx, compute, cached))
 
+    def _pop_live(self, t: float, inst: PrefillInstance) -> int | None:
+        """The next queued request whose client is still waiting (see ``ttft_timeout``)."""
+        slo = self.cluster.ttft_slo_s
+        while inst.queue:
+            idx = inst.queue.popleft()
+            rec = self.records[idx]
+            if not (self.options.ttft_timeout and slo > 0 and t - rec.arrival >= slo):
+                return idx
+            self._decisions.pop(idx, None)
+            rec.outcome, rec.reason = "rejected_late", "TTFT SLO passed while queued for prefill"
+            rec.unserved = True
+            self.conductor.on_request_dropped(str(idx))
+            self._pending -= 1
+        return None
+
     def _on_xfer_done(self, t: float, src_id: str) -> None:
         self.prefill[src_id].sending -= 1
 
@@ -226,19 +257,61 @@ class Simulator:
         self.conductor.on_prefill_finished(rid, compute_seconds=compute, cached_tokens=cached)
         rec.ttft = t - rec.arrival
         self._start_next(t, inst)
-        # The decode engine's own admission check: a full instance rejects late, and the
-        # prefill already spent is wasted.
+        slo = self.cluster.ttft_slo_s
+        if self.options.ttft_timeout and slo > 0 and rec.ttft > slo:
+            rec.outcome, rec.reason = "rejected_late", "TTFT SLO passed during prefill"
+            self.conductor.on_request_dropped(rid)
+            self._pending -= 1
+            return
         assert rec.decode_id is not None
         dec = self.decode[rec.decode_id]
         tokens = req.input_len + req.output_len
+        if self.cluster.decode_admission == "queue" and tokens <= dec.kv_capacity:
+            # vLLM-like: a request that does not fit waits, first come first served, until
+            # enough sequences finish (or its client gives up, see ``ttft_timeout``).
+            dec.waiting.append(idx)
+            self._admit_waiting(t, dec)
+            if idx in dec.waiting and self.options.ttft_timeout and slo > 0:
+                self._push(rec.arrival + slo, _DECODE_TIMEOUT, (dec.id, idx))
+            return
+        # The decode engine's own admission check: a full instance rejects late, and the
+        # prefill already spent is wasted.
         if not dec.would_fit(tokens, self.cluster.tbt_slo_s):
             rec.outcome, rec.reason = "rejected_late", "decode instance full at admission"
             self.conductor.on_request_dropped(rid)
             self._pending -= 1
             return
-        self.conductor.on_decode_started(rid, at=t)
-        dec.join(t, idx, tokens, max(0, req.output_len - 1))
+        self._join(t, dec, idx)
+
+    def _join(self, t: float, dec: DecodeInstance, idx: int) -> None:
+        req = self.trace[idx]
+        self.records[idx].ttft = t - self.records[idx].arrival
+        self.conductor.on_decode_started(str(idx), at=t)
+        dec.join(t, idx, req.input_len + req.output_len, max(0, req.output_len - 1))
         self._schedule_decode(dec)
+
+    def _admit_waiting(self, t: float, dec: DecodeInstance) -> None:
+        """Admit waiting requests in arrival order while the head fits (no overtaking)."""
+        slo = self.cluster.tbt_slo_s
+        while dec.waiting:
+            idx = dec.waiting[0]
+            req = self.trace[idx]
+            if dec.seqs and not dec.would_fit(req.input_len + req.output_len, slo):
+                return
+            dec.waiting.popleft()
+            self._join(t, dec, idx)
+
+    def _on_decode_timeout(self, t: float, payload: tuple[str, int]) -> None:
+        did, idx = payload
+        dec = self.decode[did]
+        if idx not in dec.waiting:
+            return
+        dec.waiting.remove(idx)
+        rec = self.records[idx]
+        rec.outcome, rec.reason = "rejected_late", "TTFT SLO passed waiting for a decode slot"
+        self.conductor.on_request_dropped(str(idx))
+        self._pending -= 1
+        self._admit_waiting(t, dec)
 
     # ---- decode side ---------------------------------------------------------------------------
 
@@ -260,6 +333,7 @@ class Simulator:
         rec.outcome = "completed"
         self.conductor.on_decode_finished(str(idx), output_len=rec.output_len)
         self._pending -= 1
+        self._admit_waiting(t, dec)
         self._schedule_decode(dec)
 
     def _on_sample(self, t: float, _: object) -> None:

@@ -24,6 +24,7 @@ class RequestRecord:
     reused_tokens: int = 0
     transferred_blocks: int = 0
     prefill_seconds: float = 0.0  # busy time of the prefill instance (transfer + compute)
+    unserved: bool = False  # rejected late before any prefill ran (a client that gave up queued)
     finish: float = float("nan")
 
 
@@ -32,6 +33,33 @@ class LoadSample:
     t: float
     prefill_queue_s: list[float]
     decode_load: list[float]
+
+
+def load_fluctuation(
+    samples: list[LoadSample], ttft_slo: float, start: float, end: float
+) -> dict[str, float]:
+    """How much the pool loads swing over ``[start, end]`` (the paper's Fig. 9 measure).
+
+    Decode load is the mean over decode instances of max(KV use, step time / TBT SLO), the
+    paper's section 7.1 load; prefill load is the mean predicted queue time over the TTFT SLO.
+    Reported: decode mean, std-dev and peak-to-trough (95th minus 5th percentile, robust to a
+    single spike), prefill std-dev, and the correlation of the two series (the paper's
+    anti-phase fluctuation shows as a negative correlation). Empty when fewer than 3 samples
+    fall in the window.
+    """
+    win = [s for s in samples if start <= s.t <= end]
+    if len(win) < 3:
+        return {}
+    dec = np.array([float(np.mean(s.decode_load)) for s in win])
+    pre = np.array([float(np.mean(s.prefill_queue_s)) for s in win]) / max(ttft_slo, 1e-9)
+    corr = float(np.corrcoef(dec, pre)[0, 1]) if dec.std() > 0 and pre.std() > 0 else 0.0
+    return {
+        "decode_load_mean": float(dec.mean()),
+        "decode_load_std": float(dec.std()),
+        "decode_load_p2t": float(np.percentile(dec, 95) - np.percentile(dec, 5)),
+        "prefill_load_std": float(pre.std()),
+        "prefill_decode_corr": corr,
+    }
 
 
 @dataclass(slots=True)
@@ -82,9 +110,12 @@ def summarize(
 ) -> Summary:
     """Aggregate outcomes. TTFT/TBT are over completed requests; hit rates over every request
     that was prefilled (completed or rejected late); goodput counts completed requests within
-    both SLOs."""
+    both SLOs; wasted prefill is the prefill spent on requests rejected late (a request dropped
+    before its prefill started wasted none)."""
     done = [r for r in records if r.outcome == "completed"]
-    prefilled = [r for r in records if r.outcome in ("completed", "rejected_late")]
+    prefilled = [
+        r for r in records if r.outcome in ("completed", "rejected_late") and not r.unserved
+    ]
     ttft = np.array([r.ttft for r in done], dtype=float)
     tbt = np.array([r.tbt for r in done], dtype=float)
     late = [r for r in records if r.outcome == "rejected_late"]
@@ -106,7 +137,7 @@ def summarize(
         rejected=early + len(late),
         rejected_early=early,
         rejected_late=len(late),
-        wasted_prefill_requests=len(late),
+        wasted_prefill_requests=sum(1 for r in late if not r.unserved),
         wasted_prefill_s=sum(r.prefill_seconds for r in late),
         ttft_mean=float(ttft.mean()) if ttft.size else float("nan"),
         ttft_p50=_pct(ttft, 50),

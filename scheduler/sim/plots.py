@@ -48,20 +48,8 @@ def write_plots(
     ax.set_title("TTFT CDF per policy")
     paths.append(_save(fig, out / "ttft_cdf.png"))
 
-    sampled = [r for r in results if r.samples]
-    if sampled:
-        fig, axes = plt.subplots(len(sampled), 1, figsize=(8, 2.2 * len(sampled)), squeeze=False)
-        for ax, r in zip(axes[:, 0], sampled):
-            t = np.array([s.t for s in r.samples])
-            dec = np.array([np.mean(s.decode_load) for s in r.samples])
-            pre = np.array([np.mean(s.prefill_queue_s) for s in r.samples])
-            ax.plot(t, dec, label="decode load (mean)")
-            ax.plot(t, pre / max(cluster.ttft_slo_s, 1e-9), label="prefill queue / TTFT SLO")
-            ax.set_ylabel(_label(r), fontsize=7)
-            ax.legend(fontsize=7, loc="upper right")
-        axes[-1, 0].set_xlabel("simulated time (s)")
-        fig.suptitle("Instance load over time")
-        paths.append(_save(fig, out / "load_over_time.png"))
+    if any(r.samples for r in results):
+        paths.append(plot_load_over_time(results, out / "load_over_time.png", cluster.ttft_slo_s))
 
     if capacities:
         fig, ax = plt.subplots(figsize=(6, 4))
@@ -79,6 +67,46 @@ def write_plots(
         ax.set_title("Hit rate vs cache capacity")
         paths.append(_save(fig, out / "hit_rate_vs_capacity.png"))
     return paths
+
+
+def plot_load_over_time(
+    results: Sequence[SimResult],
+    path: str | os.PathLike[str],
+    ttft_slo: float,
+    window: tuple[float, float] | None = None,
+) -> Path:
+    """The paper's Fig. 9: pool-mean decode load and prefill load (queue time / TTFT SLO) over
+    time, one panel per run, with the decode load's std-dev and peak-to-trough in the title.
+
+    ``window`` (simulated seconds) zooms in: over a whole trace the swings are too dense to see.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sampled = [r for r in results if r.samples]
+    fig, axes = plt.subplots(len(sampled), 1, figsize=(9, 2.4 * len(sampled)), squeeze=False)
+    for ax, r in zip(axes[:, 0], sampled):
+        t = np.array([s.t for s in r.samples])
+        keep = np.ones(t.size, bool) if window is None else (t >= window[0]) & (t <= window[1])
+        dec = np.array([np.mean(s.decode_load) for s in r.samples])[keep]
+        pre = np.array([np.mean(s.prefill_queue_s) for s in r.samples])[keep]
+        ax.plot(t[keep], dec, lw=1, label="decode load (mean)")
+        ax.plot(t[keep], pre / max(ttft_slo, 1e-9), lw=1, label="prefill load (queue / TTFT SLO)")
+        ax.axhline(1.0, color="grey", ls=":", lw=1)
+        x = r.summary.extra
+        title = _label(r)
+        if "decode_load_std" in x:
+            title += (
+                f": rejected {r.summary.rejected}, decode load std {x['decode_load_std']:.3f},"
+                f" p95-p5 {x['decode_load_p2t']:.3f}"
+            )
+        ax.set_title(title, fontsize=8)
+        ax.legend(fontsize=7, loc="upper right")
+    axes[-1, 0].set_xlabel("simulated time (s)")
+    fig.suptitle("Instance load over time")
+    return _save(fig, Path(path))
 
 
 def _label(r: SimResult) -> str:
