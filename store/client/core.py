@@ -37,7 +37,7 @@ from transfer.memory import memory_at
 from .errors import (BUFFER_NOT_REGISTERED, CHECKSUM_MISMATCH, TRANSFER_FAIL, MasterErrorCode,
                      StoreError, as_store_error)
 from .demote import serve_demotions
-from .holdings import Announcer, Holdings, take_announcements
+from .holdings import Announcer, Holdings, remount, take_announcements
 from .integrity import TRAILER_SIZE, check_trailer, make_trailer
 from .locations import LocationCache, order_replicas
 from .prefault import Prefaulter
@@ -235,7 +235,7 @@ class AsyncStoreClient:
         for desc in self.segments:
             objects = self.holdings[desc.name].objects()
             try:
-                rebuilt = await self.master.mount_segment(desc, objects)
+                rebuilt = await remount(self.master, desc, self.holdings[desc.name])
                 logger.info("remounted %s with %d objects (%d rebuilt)", desc.name,
                             len(objects), rebuilt)
             except Exception as e:

@@ -21,10 +21,11 @@ from typing import Any
 import msgspec
 
 from store.keys import MAX_KEY_BYTES
-from store.master import RemountObject
+from store.master import MasterClient, RemountObject, SegmentDesc
+from store.master.messages import MountSegmentReply, MountSegmentRequest
 from transfer.control import MAX_NOTIFY_SIZE
 
-__all__ = ["Holdings", "Announcer", "NOTIFY_PREFIX", "take_announcements"]
+__all__ = ["Holdings", "Announcer", "NOTIFY_PREFIX", "remount", "take_announcements"]
 
 logger = logging.getLogger(__name__)
 
@@ -94,6 +95,17 @@ class Holdings:
 
     def objects(self) -> list[RemountObject]:
         return list(self._objects.values())
+
+
+async def remount(master: MasterClient, desc: SegmentDesc, holdings: Holdings) -> int:
+    """Mount ``desc`` again reporting what it holds; forget the copies the master refused
+    (another version of the key may exist). Returns how many objects were rebuilt."""
+    reply = await master.call("mount_segment",
+                              MountSegmentRequest(segment=desc, objects=holdings.objects()),
+                              MountSegmentReply)
+    for address in reply.discarded:
+        holdings.discard(address)
+    return reply.rebuilt_objects
 
 
 class Announcer:

@@ -109,6 +109,9 @@ class MountSegmentRequest(msgspec.Struct, kw_only=True):
 class MountSegmentReply(msgspec.Struct):
     rebuilt_objects: int
     """How many of the reported objects were re-registered (others already existed)."""
+    discarded: list[int] = []
+    """Addresses of reported copies the master did not take back (possibly stale versions):
+    the holder forgets them, or a later failover rebuild would offer them again."""
 
 
 class UnmountSegmentRequest(msgspec.Struct):

@@ -132,6 +132,7 @@ class ObjectStore:
         segment = Segment(desc, allocator)
         self.segments.add(segment)
         rebuilt = 0
+        discarded: list[int] = []
         for obj in objects:
             offset = obj.address - desc.base
             segment.owners[offset] = obj.key
@@ -151,7 +152,8 @@ class ObjectStore:
             else:  # possibly another version of that key: this copy may be stale
                 del segment.owners[offset]
                 allocator.free_range(offset)
-        return MountSegmentReply(rebuilt)
+                discarded.append(obj.address)
+        return MountSegmentReply(rebuilt, discarded)
 
     def unmount(self, name: str, client_id: str | None = None) -> int:
         """Unmount a segment, dropping its replicas; returns how many objects disappeared."""

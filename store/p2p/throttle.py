@@ -8,17 +8,15 @@ that limit back without touching the transfer engine:
   request through, except that segment descriptors it returns are rewritten: the ``tcp``
   endpoint points at a :class:`ThrottlingRelay` for that peer, and the ``shm``/``file``
   transports are removed so peers cannot bypass it.
-* Each relay forwards bytes to the real peer; everything the peer *sends* (its upload - reads
-  are served that way) passes one token bucket shared by all connections, so the cap is per
-  peer, like a NIC, not per connection.
+* Each relay (a :class:`transfer.relay.Relay`) forwards bytes to the real peer; everything the
+  peer *sends* (its upload - reads are served that way) passes one token bucket shared by all
+  connections, so the cap is per peer, like a NIC, not per connection.
 
 Start nodes with the proxy's :attr:`~ThrottledMetadataProxy.url` as their ``metadata_server``.
 """
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import time
 from typing import Any
 
 import aiohttp
@@ -26,90 +24,31 @@ import msgspec
 from aiohttp import web
 
 from transfer.metadata import SEGMENT_PREFIX
+from transfer.relay import Relay, TokenBucket
 
 __all__ = ["ThrottledMetadataProxy", "ThrottlingRelay", "TokenBucket"]
 
-_READ = 256 << 10
 _HOP_HEADERS = {"etag", "content-type"}
 _FORWARD_HEADERS = {"if-match", "if-none-match", "authorization", "content-type"}
 
 
-class TokenBucket:
-    """Paces a byte stream to ``rate`` bytes/s with bursts of at most ``burst`` bytes."""
-
-    def __init__(self, rate: float, burst: int = 1 << 20) -> None:
-        if rate <= 0:
-            raise ValueError("rate must be positive")
-        self.rate = rate
-        self._burst = burst / rate
-        self._free_at = time.monotonic()
-
-    async def take(self, n: int) -> None:
-        now = time.monotonic()
-        start = max(self._free_at, now - self._burst)
-        self._free_at = start + n / self.rate
-        delay = self._free_at - self._burst - now
-        if delay > 0:
-            await asyncio.sleep(delay)
-
-
-class ThrottlingRelay:
+class ThrottlingRelay(Relay):
     """A TCP relay to ``target`` whose target-to-client direction is capped at ``rate``."""
 
     def __init__(self, target: tuple[str, int], rate: float, host: str = "127.0.0.1") -> None:
-        self.target = target
+        super().__init__(target, listen=(host, 0), rate_to_client=rate, burst=1 << 20)
         self.host = host
         self.port = 0
-        self.bucket = TokenBucket(rate)
-        self.bytes_up = 0
-        self._server: asyncio.Server | None = None
-        self._tasks: set[asyncio.Task[None]] = set()
 
-    async def start(self) -> None:
-        self._server = await asyncio.start_server(self._serve, self.host, 0)
-        self.port = self._server.sockets[0].getsockname()[1]
+    async def start(self) -> ThrottlingRelay:
+        await super().start()
+        self.port = self.address[1]
+        return self
 
-    async def close(self) -> None:
-        if self._server is not None:
-            self._server.close()
-        for task in list(self._tasks):
-            task.cancel()
-        for task in list(self._tasks):
-            with contextlib.suppress(BaseException):
-                await task
-
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        self._tasks.add(task)
-        try:
-            try:
-                up_r, up_w = await asyncio.wait_for(asyncio.open_connection(*self.target), 5)
-            except (OSError, TimeoutError):
-                return  # the peer is gone: the client sees its connection closed
-            try:
-                await asyncio.gather(self._pump(reader, up_w, None),
-                                     self._pump(up_r, writer, self.bucket))
-            finally:
-                up_w.close()
-        except (OSError, asyncio.IncompleteReadError):
-            pass
-        finally:
-            writer.close()
-            self._tasks.discard(task)
-
-    async def _pump(self, src: asyncio.StreamReader, dst: asyncio.StreamWriter,
-                    bucket: TokenBucket | None) -> None:
-        try:
-            while data := await src.read(_READ):
-                if bucket is not None:
-                    await bucket.take(len(data))
-                    self.bytes_up += len(data)
-                dst.write(data)
-                await dst.drain()
-        finally:
-            # Closing both ends on EOF or error makes the other pump end too.
-            dst.close()
+    @property
+    def bytes_up(self) -> int:
+        """Bytes the peer uploaded through this relay."""
+        return self.stats.bytes_to_client
 
 
 class ThrottledMetadataProxy:
