@@ -5,10 +5,13 @@ Flow for a P/D request (the ``kv_transfer_params`` protocol of the connector):
 1. Tokenize and hash the prompt into block keys; ask the store which exist (one batch call).
 2. The Conductor picks a prefill and a decode instance, or rejects at once (HTTP 429).
 3. Prefill: the request with ``max_tokens=1``, ``stream=false``, no ``stream_options`` and
-   ``kv_transfer_params={"do_remote_decode": true}``. A connection failure marks the instance
-   down and retries on another prefill instance once.
+   ``kv_transfer_params={"do_remote_decode": true}``. A connection failure or a timeout (every
+   upstream wait is bounded, see :mod:`scheduler.proxy.upstream`) marks the instance down and
+   retries on another prefill instance.
 4. Decode: the original request plus the ``kv_transfer_params`` the prefill answered, with the
-   same ``X-Request-Id``; its answer (SSE or JSON) is relayed to the client as it arrives.
+   same ``X-Request-Id``; its answer (SSE or JSON) is relayed to the client as it arrives. A
+   decode instance failing before the client got a byte is replaced by another one (once); one
+   failing mid-stream ends the stream with an SSE error event.
 
 Mixed mode (no P/D split) sends the whole request to the one instance the Conductor picked.
 
@@ -21,7 +24,6 @@ logging. Hot-spot replication (``Decision.replicate_blocks``) runs as a bounded 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 import uuid
@@ -29,9 +31,9 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
-import aiohttp
 import msgspec
 from aiohttp import web
+from aiohttp.web_protocol import RequestPayloadError
 
 from scheduler.policy import (
     Conductor,
@@ -42,9 +44,11 @@ from scheduler.policy import (
     Role,
 )
 from scheduler.proxy.discovery import EtcdDiscovery
+from scheduler.proxy.forward import Forwarder
 from scheduler.proxy.instances import Instance, InstancePool, InstanceSpec
 from scheduler.proxy.metrics import ProxyMetrics
 from scheduler.proxy.prompt import BadRequest, PromptHasher
+from scheduler.proxy.upstream import UPSTREAM_ERRORS, Upstream, UpstreamTimeouts
 from store.keys import KeyNamespace
 
 __all__ = ["ProxySettings", "Proxy", "StoreLookup", "Replicator"]
@@ -56,7 +60,8 @@ Replicator = Callable[[Sequence[str], Instance], Awaitable[None]]
 STORE_ID = "store"
 HOP_BY_HOP = {"host", "content-length", "transfer-encoding", "connection", "keep-alive",
               "upgrade", "te", "trailer", "proxy-authorization", "proxy-authenticate",
-              "accept-encoding"}
+              "accept-encoding", "content-encoding"}
+"""Not forwarded; Content-Encoding because the body is forwarded as aiohttp decoded it."""
 
 
 @dataclass(frozen=True)
@@ -67,8 +72,18 @@ class ProxySettings:
     max_in_flight: int = 1024
     max_body_bytes: int = 16 << 20
     request_timeout: float = 600.0
+    """Bound of one whole upstream exchange (a stream included)."""
     connect_timeout: float = 5.0
+    """Bound of the TCP connect to an engine."""
+    first_byte_timeout: float = 600.0
+    """Bound from sending a request to an engine to its response headers (a prefill, or the
+    whole generation of a non-streamed answer: hence as long as the total by default). A dead
+    or cut-off engine ends these waits sooner: once its health probes take it out."""
+    idle_timeout: float = 60.0
+    """Longest silence of an engine mid-answer (between two pieces of a stream or a body)."""
     health_interval: float = 2.0
+    health_timeout: float = 2.0
+    """Bound of one health probe; three missed in a row (or one refused) take an engine out."""
     etcd_endpoints: str | None = None
     """Discover instances under ``mooncake/instances/`` in this etcd (comma-separated)."""
     discovery_interval: float = 1.0
@@ -101,6 +116,21 @@ def _error(status: int, message: str, kind: str = "invalid_request_error",
     return web.json_response(body, status=status)
 
 
+async def _expect(request: web.Request) -> web.Response | None:
+    """``Expect: 100-continue`` as aiohttp does it, anything else a JSON 417.
+
+    Why not aiohttp's default handler: it echoes the header into its error text, and a value
+    that is not UTF-8 then fails to encode, which aiohttp answers with a 500.
+    """
+    if request.version != (1, 1):
+        return None
+    if request.headers.get("Expect", "").lower() == "100-continue":
+        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        request.writer.output_size = 0  # the 100 is not part of the answer's size
+        return None
+    return _error(417, "only 'Expect: 100-continue' is supported", "expectation_failed")
+
+
 class Proxy:
     """Owns the HTTP server, the instance pool and the Conductor (see the module docstring)."""
 
@@ -124,6 +154,7 @@ class Proxy:
         self._decide_observe = self.metrics.stage.labels(stage="decide").observe
         self._counters: dict[tuple[str, int], Callable[[], None]] = {}
         self.pool = InstancePool(instances, interval=self.settings.health_interval,
+                                 timeout=self.settings.health_timeout,
                                  on_change=self._instance_changed)
         for spec in instances:
             if spec.namespace:
@@ -137,7 +168,13 @@ class Proxy:
         self._in_flight = 0
         self._tasks: set[asyncio.Task[Any]] = set()
         self._replicating: set[asyncio.Task[None]] = set()
-        self._session: aiohttp.ClientSession | None = None
+        s = self.settings
+        self.upstream = Upstream(UpstreamTimeouts(
+            connect=s.connect_timeout, first_byte=s.first_byte_timeout, idle=s.idle_timeout,
+            total=s.request_timeout))
+        self.forward = Forwarder(
+            self.upstream, self.pool, observe_ttft=self._ttft_observe,
+            on_answered=lambda rid: self._feedback(self.conductor.on_decode_finished, rid))
         self._runner: web.AppRunner | None = None
         self.port = self.settings.port
 
@@ -147,19 +184,20 @@ class Proxy:
         # The auth middleware only when a key is set: every middleware costs every request.
         app = web.Application(client_max_size=self.settings.max_body_bytes,
                               middlewares=[self._auth_middleware] if self.settings.api_key else [])
-        app.router.add_post("/v1/completions", self._completions)
-        app.router.add_post("/v1/chat/completions", self._chat)
-        app.router.add_get("/v1/models", self._models)
-        app.router.add_get("/health", self._health)
-        app.router.add_get("/metrics", self._metrics)
+        app.router.add_post("/v1/completions", self._completions, expect_handler=_expect)
+        app.router.add_post("/v1/chat/completions", self._chat, expect_handler=_expect)
+        app.router.add_get("/v1/models", self._models, expect_handler=_expect)
+        app.router.add_get("/health", self._health, expect_handler=_expect)
+        app.router.add_get("/metrics", self._metrics, expect_handler=_expect)
+        # Last: every other method and path gets a JSON error, through the same Expect check.
+        app.router.add_route("*", "/{tail:.*}", self._no_route, expect_handler=_expect)
         return app
 
     async def start(self) -> None:
-        timeout = aiohttp.ClientTimeout(total=self.settings.request_timeout,
-                                        sock_connect=self.settings.connect_timeout)
-        self._session = aiohttp.ClientSession(
-            timeout=timeout, connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=300),
-            auto_decompress=False)
+        # The tokenizer loads lazily; loaded by the first request, its import (transformers,
+        # seconds) stalled the event loop - every request and health probe - right then.
+        await asyncio.to_thread(self.hasher.token_ids, {"prompt": "warm-up"}, False)
+        await self.upstream.start()
         await self.pool.start()
         if self.discovery is not None:
             await self.discovery.start()
@@ -181,9 +219,7 @@ class Proxy:
             task.cancel()
         await asyncio.gather(*self._replicating, *self._tasks, return_exceptions=True)
         await self.pool.stop()
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        await self.upstream.close()
 
     @property
     def url(self) -> str:
@@ -255,6 +291,12 @@ class Proxy:
                 return _error(401, "missing or wrong API key", "authentication_error")
         return await handler(request)
 
+    async def _no_route(self, request: web.Request) -> web.Response:
+        if request.path in ("/v1/completions", "/v1/chat/completions", "/v1/models", "/health",
+                            "/metrics"):
+            return _error(405, f"method {request.method} not allowed on {request.path}")
+        return _error(404, f"no endpoint {request.path[:200]}", "not_found")
+
     async def _models(self, request: web.Request) -> web.Response:
         data = [{"id": m, "object": "model", "owned_by": "mooncake"} for m in self.pool.models()]
         return web.json_response({"object": "list", "data": data})
@@ -280,10 +322,13 @@ class Proxy:
 
     async def _read_body(self, request: web.Request) -> tuple[dict[str, Any], bytes]:
         """The parsed body (validated) and its raw bytes, which are forwarded as they came."""
-        raw = await request.read()
+        try:
+            raw = await request.read()
+        except RequestPayloadError as exc:  # e.g. a body that is not the Content-Encoding
+            raise BadRequest(f"cannot read the body: {exc}") from exc
         try:
             body = _decode(raw)
-        except (msgspec.DecodeError, UnicodeDecodeError, ValueError) as exc:
+        except (msgspec.DecodeError, UnicodeDecodeError, ValueError, RecursionError) as exc:
             raise BadRequest(f"body is not valid JSON: {exc}") from exc
         if not isinstance(body, dict):
             raise BadRequest("body must be a JSON object")
@@ -366,8 +411,9 @@ class Proxy:
             if inst is None:
                 return _error(503, "chosen instance vanished", "unavailable")
             self._feedback(self.conductor.on_prefill_started, request_id)
-            resp = await self._relay(request, inst, path, raw, bool(body.get("stream")),
-                                     request_id, started)
+            resp = await self.forward.relay_with_retry(
+                request, inst, path, raw, self._headers(request, request_id),
+                bool(body.get("stream")), request_id, started)
             self.conductor.on_blocks_cached(inst.id, keys)
             return resp
         finally:
@@ -393,10 +439,10 @@ class Proxy:
             self._feedback(self.conductor.on_prefill_started, request_id)
             t0 = time.perf_counter()
             try:
-                status, answer = await self._post_json(inst, path, prefill_raw, request,
-                                                       request_id)
-            except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
-                log.warning("prefill on %s failed (%s); retrying elsewhere", inst.id, exc)
+                status, answer = await self.forward.post_json(
+                    inst, path, prefill_raw, self._headers(request, request_id))
+            except UPSTREAM_ERRORS as exc:
+                log.warning("prefill on %s failed (%r); retrying elsewhere", inst.id, exc)
                 self.pool.mark_failed(inst)
                 others = [i for i in self.pool.healthy("prefill") if i.id not in tried]
                 prefill_id = min(others, key=lambda i: i.in_flight).id if others else None
@@ -420,8 +466,11 @@ class Proxy:
             decode = min(healthy, key=lambda i: i.in_flight)
         decode_raw = raw if params is None else _with_field(raw, body, "kv_transfer_params", params)
         self._feedback(self.conductor.on_decode_started, request_id)
-        return await self._relay(request, decode, path, decode_raw, bool(body.get("stream")),
-                                 request_id, started)
+        # Any decode instance can load the prefilled KV (it is in the store): one that fails
+        # before answering is replaced by another.
+        return await self.forward.relay_with_retry(
+            request, decode, path, decode_raw, self._headers(request, request_id),
+            bool(body.get("stream")), request_id, started)
 
     def _replicate(self, keys: Sequence[str], instance_id: str) -> None:
         """Hot-spot replication, off the request's path: a background task, at most
@@ -461,79 +510,3 @@ class Proxy:
         headers = {k: v for k, v in request.headers.items() if k.lower() not in drop}
         headers["X-Request-Id"] = request_id
         return headers
-
-    async def _post_json(self, inst: Instance, path: str, data: bytes,
-                         request: web.Request, request_id: str) -> tuple[int, Any]:
-        assert self._session is not None
-        inst.in_flight += 1
-        try:
-            async with self._session.post(f"{inst.url}{path}", data=data,
-                                          headers=self._headers(request, request_id)) as r:
-                payload = await r.read()
-                try:
-                    return r.status, _decode(payload)
-                except (msgspec.DecodeError, UnicodeDecodeError, ValueError):
-                    text = payload.decode(errors="replace")
-                    return 502, {"error": {"message": f"bad response from {inst.id}: {text[:200]}",
-                                           "type": "upstream_error", "code": 502}}
-        finally:
-            inst.in_flight -= 1
-
-    async def _relay(self, request: web.Request, inst: Instance, path: str, data: bytes,
-                     stream: bool, request_id: str, started: float) -> web.StreamResponse:
-        """Forward ``data`` to ``inst`` and relay its answer: an SSE stream chunk by chunk as it
-        arrives, a JSON answer in one piece (one write, no chunked encoding)."""
-        assert self._session is not None
-        inst.in_flight += 1
-        response: web.StreamResponse | None = None
-        try:
-            async with self._session.post(f"{inst.url}{path}", data=data,
-                                          headers=self._headers(request, request_id)) as upstream:
-                ctype = upstream.headers.get("Content-Type", "application/json")
-                if not stream or not ctype.startswith("text/event-stream"):
-                    payload = await upstream.read()
-                    self._ttft_observe(time.perf_counter() - started)
-                    if upstream.status == 200:
-                        self._feedback(self.conductor.on_decode_finished, request_id)
-                    return web.Response(body=payload, status=upstream.status,
-                                        headers={"Content-Type": ctype,
-                                                 "X-Request-Id": request_id})
-                response = web.StreamResponse(status=upstream.status)
-                response.headers["Content-Type"] = ctype
-                response.headers["X-Request-Id"] = request_id
-                first = True
-                await response.prepare(request)
-                async for chunk in upstream.content.iter_any():
-                    if first:
-                        self._ttft_observe(time.perf_counter() - started)
-                        first = False
-                    try:
-                        await response.write(chunk)
-                    except ConnectionError:  # incl. aiohttp.ClientConnectionResetError
-                        # The client went away: not the engine's fault. Closing the upstream
-                        # response (leaving this block) cancels the engine's request.
-                        log.debug("client of %s disconnected mid-stream", request_id)
-                        return response
-                try:
-                    await response.write_eof()
-                except ConnectionError:  # the client hung up after the last event: fine
-                    log.debug("client of %s closed before the end of the stream", request_id)
-                if upstream.status == 200:
-                    self._feedback(self.conductor.on_decode_finished, request_id)
-                return response
-        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
-            log.warning("request %s on %s failed: %r", request_id, inst.id, exc)
-            self.pool.mark_failed(inst)
-            message = f"instance {inst.id} failed: {type(exc).__name__}: {exc}"
-            if response is None or not response.prepared:
-                return _error(502, message, "upstream_error")
-            # Mid-stream: the status line is gone; end the stream with a clean error event.
-            event = {"error": {"message": message, "type": "upstream_error", "code": 502}}
-            try:
-                await response.write(f"data: {json.dumps(event)}\n\ndata: [DONE]\n\n".encode())
-                await response.write_eof()
-            except (ConnectionResetError, RuntimeError):
-                pass
-            return response
-        finally:
-            inst.in_flight -= 1

@@ -13,6 +13,7 @@ from scheduler.policy import POLICY_NAMES, REJECTION_MODES, ConductorConfig
 from scheduler.proxy.app import Proxy, ProxySettings, StoreLookup
 from scheduler.proxy.instances import InstanceSpec, load_instances, parse_instance
 from scheduler.proxy.prompt import PromptHasher
+from scheduler.proxy.upstream import UpstreamTimeouts
 from store.keys import KeyNamespace
 
 __all__ = ["build_parser", "main"]
@@ -54,7 +55,21 @@ def build_parser() -> argparse.ArgumentParser:
     a("--index-capacity-blocks", "--index_capacity_blocks", type=int, default=1_000_000,
       help="blocks remembered per instance (LRU beyond it), so memory stays bounded")
     a("--request-timeout", "--request_timeout", type=float, default=600.0,
-      help="upper bound of one upstream request, in seconds")
+      help="upper bound of one whole upstream exchange, a stream included, in seconds")
+    a("--connect-timeout", "--connect_timeout", type=float, default=5.0,
+      help="upper bound of the TCP connect to an engine, in seconds")
+    a("--first-byte-timeout", "--first_byte_timeout", type=float, default=600.0,
+      help="upper bound from sending a request to an engine to its response headers (a "
+           "prefill; a non-streamed answer's whole generation), in seconds; requests waiting "
+           "on an engine the health probes take out end at once and go elsewhere")
+    a("--idle-timeout", "--idle_timeout", type=float, default=60.0,
+      help="longest silence of an engine mid-answer before the request fails (a stream then "
+           "ends with an SSE error event), in seconds")
+    a("--health-interval", "--health_interval", type=float, default=2.0,
+      help="seconds between health probes of each engine")
+    a("--health-timeout", "--health_timeout", type=float, default=2.0,
+      help="upper bound of one health probe; 3 missed in a row (or a refused connection) take "
+           "an engine out until a probe passes, in seconds")
     a("--log-level", "--log_level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     return p
 
@@ -101,6 +116,11 @@ async def _run(args: argparse.Namespace) -> None:
                                max_in_flight=args.max_in_flight,
                                index_capacity_blocks=args.index_capacity_blocks,
                                request_timeout=args.request_timeout,
+                               connect_timeout=args.connect_timeout,
+                               first_byte_timeout=args.first_byte_timeout,
+                               idle_timeout=args.idle_timeout,
+                               health_interval=args.health_interval,
+                               health_timeout=args.health_timeout,
                                etcd_endpoints=args.etcd_endpoints),
         conductor=ConductorConfig(policy=args.policy, rejection=args.rejection,
                                   ttft_slo_s=args.ttft_slo, tbt_slo_s=args.tbt_slo,
@@ -131,6 +151,10 @@ def main(argv: list[str] | None = None) -> int:
         _instances(args)
         if args.namespace:
             KeyNamespace.from_dict(json.loads(args.namespace))
+        UpstreamTimeouts(connect=args.connect_timeout, first_byte=args.first_byte_timeout,
+                         idle=args.idle_timeout, total=args.request_timeout)
+        if not (args.health_interval > 0 and args.health_timeout > 0):
+            raise ValueError("--health-interval and --health-timeout must be positive")
     except (ValueError, TypeError) as exc:
         parser.error(str(exc))
     import uvloop  # noqa: PLC0415

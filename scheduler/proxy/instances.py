@@ -20,6 +20,8 @@ from urllib.parse import urlparse
 
 import aiohttp
 
+from scheduler.proxy.upstream import abort_waits
+
 __all__ = ["Instance", "InstancePool", "InstanceSpec", "parse_instance", "load_instances"]
 
 log = logging.getLogger(__name__)
@@ -98,6 +100,9 @@ class Instance:
     last_check: float = 0.0
     namespace: dict[str, Any] = field(default_factory=dict)
     """The key namespace its connector uses: from the spec, etcd, or its first P/D answer."""
+    waits: set[asyncio.Timeout] = field(default_factory=set, repr=False, compare=False)
+    """Requests waiting for this engine's first byte (their deadlines): ended at once when it
+    is taken out, so they go elsewhere instead of waiting out their timeout on a dead host."""
 
     @property
     def id(self) -> str:
@@ -227,11 +232,13 @@ class InstancePool:
             inst.healthy = ok
             if not ok:
                 inst.models = ()
+                abort_waits(inst.waits)
             log.warning("instance %s (%s) is %s", inst.id, inst.url, "up" if ok else "DOWN")
             self._changed(inst)
 
     def mark_failed(self, inst: Instance) -> None:
-        """A request to ``inst`` failed at the connection level: take it out until a probe passes."""
+        """A request to ``inst`` failed (a connection error, or one of its bounds fired): take
+        it out until a probe passes; the requests still waiting on it end now (``waits``)."""
         self.set_health(inst, False)
 
     def _changed(self, inst: Instance) -> None:
