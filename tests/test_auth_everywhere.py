@@ -197,3 +197,19 @@ async def test_proxy_api_key() -> None:
     finally:
         await proxy.stop()
         await engine.stop()
+
+
+async def test_proxy_store_lookup_uses_the_cluster_secret() -> None:
+    """The proxy's master client (``--master``) authenticates like a store client: the cluster
+    secret from the config sources; without it the lookup is refused, not answered."""
+    from scheduler.proxy.cli import _store_lookup
+    from transfer.config import load_config
+
+    async with MasterServer(master_config()) as master:
+        address = f"127.0.0.1:{master.rpc.port}"
+        lookup = _store_lookup(address, load_config(env={"MOONCAKE_AUTH_SECRET": SECRET}))
+        assert await lookup(["no-such-key"]) == [False]
+        anonymous = _store_lookup(address, load_config(env={}))
+        with pytest.raises(Exception) as refused:
+            await asyncio.wait_for(anonymous(["no-such-key"]), 30)
+        assert "auth" in str(refused.value).lower() or isinstance(refused.value, RpcAuthError)

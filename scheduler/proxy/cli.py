@@ -15,6 +15,7 @@ from scheduler.proxy.instances import InstanceSpec, load_instances, parse_instan
 from scheduler.proxy.prompt import PromptHasher
 from scheduler.proxy.upstream import UpstreamTimeouts
 from store.keys import KeyNamespace
+from transfer.config import MooncakeConfig, load_config
 
 __all__ = ["build_parser", "main"]
 
@@ -92,10 +93,13 @@ def _instances(args: argparse.Namespace) -> list[InstanceSpec]:
     return specs
 
 
-def _store_lookup(address: str) -> StoreLookup:
+def _store_lookup(address: str, config: MooncakeConfig) -> StoreLookup:
+    """Existence lookups on the master, authenticated like any store client of this cluster
+    (cluster secret or tenant, TLS: ``MOONCAKE_CONFIG_PATH`` and ``MOONCAKE_*`` variables)."""
     from store.master.client import MasterClient  # noqa: PLC0415 - only when a master is given
+    from store.master.tenants import master_credentials  # noqa: PLC0415
 
-    client = MasterClient(address)
+    client = MasterClient(address, **master_credentials(config))
 
     async def lookup(keys: Any) -> list[bool]:
         return await client.batch_exists(list(keys))
@@ -106,10 +110,11 @@ def _store_lookup(address: str) -> StoreLookup:
 async def _run(args: argparse.Namespace) -> None:
     namespace = KeyNamespace.from_dict(json.loads(args.namespace)) if args.namespace else None
     replicator = None
+    store_config = load_config() if args.master else None
     if args.master:
         from scheduler.proxy.replication import StoreReplicator  # noqa: PLC0415
 
-        replicator = await StoreReplicator.create(args.master)
+        replicator = await StoreReplicator.create(args.master, store_config)
     proxy = Proxy(
         _instances(args),
         settings=ProxySettings(host=args.host, port=args.port, api_key=args.api_key,
@@ -126,7 +131,8 @@ async def _run(args: argparse.Namespace) -> None:
                                   ttft_slo_s=args.ttft_slo, tbt_slo_s=args.tbt_slo,
                                   kvcache_balancing_threshold=args.kvcache_balancing_threshold),
         hasher=PromptHasher(namespace, args.tokenizer),
-        store_lookup=_store_lookup(args.master) if args.master else None,
+        store_lookup=(_store_lookup(args.master, store_config)
+                      if store_config is not None else None),
         replicator=replicator,
     )
     await proxy.start()
