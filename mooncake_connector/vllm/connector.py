@@ -22,12 +22,13 @@ from mooncake_connector.vllm.config import ConnectorSettings
 from mooncake_connector.vllm.layout import build_namespace
 from mooncake_connector.vllm.metadata import PyMooncakeMetadata
 from mooncake_connector.vllm.scheduler import SchedulerSide
-from mooncake_connector.vllm.stats import PyMooncakeStats
+from mooncake_connector.vllm.stats import PyMooncakePromMetrics, PyMooncakeStats
 from mooncake_connector.vllm.worker import WorkerSide
 
 if TYPE_CHECKING:
     import torch
     from vllm.config import VllmConfig
+    from vllm.distributed.kv_transfer.kv_connector.v1.metrics import PromMetric, PromMetricT
     from vllm.forward_context import ForwardContext
     from vllm.v1.attention.backend import AttentionMetadata
     from vllm.v1.core.kv_cache_manager import KVCacheBlocks
@@ -147,11 +148,21 @@ class PyMooncakeConnector(KVConnectorBase_V1):
         return self._worker.take_error_blocks() if self._worker is not None else set()
 
     def get_kv_connector_stats(self) -> PyMooncakeStats | None:
-        return self._worker.take_stats() if self._worker is not None else None
+        # vLLM asks both roles: the worker reports transfers, the scheduler lookups and hits.
+        if self._worker is not None:
+            return self._worker.take_stats()
+        return self._scheduler.take_stats() if self._scheduler is not None else None
 
     @classmethod
     def build_kv_connector_stats(cls, data: dict[str, Any] | None = None) -> PyMooncakeStats:
         return PyMooncakeStats(data=dict(data or {}))
+
+    @classmethod
+    def build_prom_metrics(cls, vllm_config: "VllmConfig",
+                           metric_types: "dict[type[PromMetric], type[PromMetricT]]",
+                           labelnames: list[str],
+                           per_engine_labelvalues: dict[int, list[object]]) -> PyMooncakePromMetrics:
+        return PyMooncakePromMetrics(vllm_config, metric_types, labelnames, per_engine_labelvalues)
 
     def shutdown(self) -> None:
         if self._worker is not None:

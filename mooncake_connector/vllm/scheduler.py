@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 from mooncake_connector.store_backend import StoreBackend, StoreError
 from mooncake_connector.vllm.config import ConnectorSettings
 from mooncake_connector.vllm.metadata import BlockTransfer, PyMooncakeMetadata
+from mooncake_connector.vllm.stats import PyMooncakeStats
 from store.keys import KeyNamespace, MultiModalSpan, RequestExtras, block_keys
 
 if TYPE_CHECKING:
@@ -77,7 +78,10 @@ class SchedulerSide:
         self.store = store
         self._reqs: dict[str, _ReqState] = {}
         self._unsent_loads: list[str] = []
-        self._preempted = False
+        # Requests with prompt blocks not yet sent for saving: the only ones a step must look
+        # at, so a batch of pure decodes costs build_connector_meta nothing per request.
+        self._saving: set[str] = set()
+        self._stats = PyMooncakeStats()
 
     # -- lookup --------------------------------------------------------------------------------
     def _state(self, request: "Request") -> _ReqState | None:
@@ -88,6 +92,8 @@ class SchedulerSide:
                 return None
             st = _ReqState(keys=keys, remote_params=request.kv_transfer_params or None)
             self._reqs[request.request_id] = st
+            if self.can_save and keys:
+                self._saving.add(request.request_id)
         return st
 
     def _leading_hits(self, keys: list[str]) -> int:
@@ -139,6 +145,7 @@ class SchedulerSide:
             return None, False
         st.last_check = now
         hits = self._leading_hits(st.keys[:usable])
+        self._stats.add(lookups=1)
         if promised and hits < promised and now - st.first_seen < self.settings.remote_prefill_wait_s:
             return None, False  # the prefill's save is still in flight: ask again next step
         if promised and hits < promised:
@@ -149,6 +156,7 @@ class SchedulerSide:
                      request.request_id, usable, local, promised, hits)
         if hits <= local:
             return 0, False
+        self._stats.add(lookup_hit_blocks=hits - local)
         st.local_blocks, st.load_blocks = local, hits - local
         # vLLM passes a block-aligned local hit, so the external part is whole blocks too.
         return (hits - local) * self.block_size, self.settings.load_async
@@ -166,6 +174,8 @@ class SchedulerSide:
     # -- per step ------------------------------------------------------------------------------
     def build_connector_meta(self, out: "SchedulerOutput") -> PyMooncakeMetadata:
         meta = PyMooncakeMetadata(preempted=bool(getattr(out, "preempted_req_ids", None)))
+        if not self._unsent_loads and not self._saving:
+            return meta  # the steady decode step: nothing to load, nothing left to save
         for req_id in self._unsent_loads:
             st = self._reqs.get(req_id)
             if st is None or not st.load_pending:
@@ -175,18 +185,19 @@ class SchedulerSide:
             st.load_pending = False
             st.next_save = max(st.next_save, hi)  # loaded blocks are in the store already
         self._unsent_loads.clear()
-        if not self.can_save:
+        if not self._saving:
             return meta
+        saving = self._saving
         progress: dict[str, int] = {}
         for new in out.scheduled_new_reqs:
-            st = self._reqs.get(new.req_id)
+            st = self._reqs.get(new.req_id) if new.req_id in saving else None
             if st is not None:
                 st.block_ids = list(new.block_ids[0])
                 progress[new.req_id] = new.num_computed_tokens
         cached = out.scheduled_cached_reqs
         resumed = getattr(cached, "resumed_req_ids", set())
         for i, req_id in enumerate(cached.req_ids):
-            st = self._reqs.get(req_id)
+            st = self._reqs.get(req_id) if req_id in saving else None
             if st is None:
                 continue
             new_ids = cached.new_block_ids[i]
@@ -202,6 +213,8 @@ class SchedulerSide:
                                                 st.block_ids[st.next_save:done]))
                 st.next_save = done
                 st.saves_sent = True
+            if st.next_save >= len(st.keys):
+                saving.discard(req_id)  # every prompt block is on its way: nothing more to do
         if meta.loads or meta.saves:
             logger.debug("PyMooncakeConnector step: %d loads, %d saves", len(meta.loads), len(meta.saves))
         return meta
@@ -209,6 +222,14 @@ class SchedulerSide:
     def update_connector_output(self, output: "KVConnectorOutput") -> None:
         for req_id in output.finished_sending or ():
             self._reqs.pop(req_id, None)
+            self._saving.discard(req_id)
+
+    def take_stats(self) -> PyMooncakeStats | None:
+        """Lookup counters since the last call (``None`` when there were none)."""
+        if self._stats.is_empty():
+            return None
+        out, self._stats = self._stats, PyMooncakeStats()
+        return out
 
     def request_finished(self, request: "Request",
                          block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
@@ -220,6 +241,7 @@ class SchedulerSide:
                       "num_tokens": st.next_save * self.block_size,
                       "last_block_key": st.keys[st.next_save - 1],
                       "kv_namespace": self.namespace.to_dict()}
+        self._saving.discard(request.request_id)
         if st is not None and st.saves_sent:
             return True, params  # freed when the worker reports the saves done
         self._reqs.pop(request.request_id, None)

@@ -48,6 +48,7 @@ class WorkerSide:
         self._failed_loads: set[str] = set()
         self._error_blocks: set[int] = set()
         self._stats = PyMooncakeStats()
+        self._stats_dirty = False
 
     def register_kv_caches(self, kv_caches: "dict[str, torch.Tensor]", num_blocks: int) -> None:
         tensors = list(kv_caches.values())
@@ -86,8 +87,11 @@ class WorkerSide:
         ok = first_bad is None
         with self._lock:
             good = len(t.keys) if ok else first_bad
+            elapsed = time.perf_counter() - start
             self._stats.add(loaded_blocks=good, loaded_bytes=good * self.layout.block_bytes,
-                            load_time_s=time.perf_counter() - start)
+                            load_time_s=elapsed)
+            self._stats.observe("load_durations_s", elapsed)
+            self._stats_dirty = True
             if not ok:
                 # Later blocks depend on the failed one (attention over the prefix): redo them all.
                 self._error_blocks.update(t.block_ids[first_bad:])
@@ -104,7 +108,7 @@ class WorkerSide:
                 self._failed_loads.add(t.req_id)
 
     def start_load(self, meta: PyMooncakeMetadata) -> None:
-        for t in meta.loads:
+        for t in meta.loads:  # empty on a steady decode step
             if self.load_async:
                 self._load_pool.submit(self._load_async, t)
             else:
@@ -127,9 +131,12 @@ class WorkerSide:
             present = [False] * len(t.keys)
         with self._lock:
             saved = len(todo) - errors
+            elapsed = time.perf_counter() - start
             self._stats.add(saved_blocks=saved, saved_bytes=saved * self.layout.block_bytes,
                             save_skipped_blocks=len(t.keys) - len(todo), save_errors=errors,
-                            save_time_s=time.perf_counter() - start)
+                            save_time_s=elapsed)
+            self._stats.observe("save_durations_s", elapsed)
+            self._stats_dirty = True
             self._pending_saves[t.req_id] -= 1
         logger.debug("PyMooncakeConnector saved %s: %d blocks, %d present, %d errors",
                      t.req_id, len(t.keys), len(t.keys) - len(todo), errors)
@@ -149,7 +156,14 @@ class WorkerSide:
 
     # -- completions ---------------------------------------------------------------------------
     def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str], set[str], set[str]]:
-        """(saves done for finished requests, loads done, loads that failed)."""
+        """(saves done for finished requests, loads done, loads that failed).
+
+        Called every step: with nothing finished and nothing in flight it returns without
+        taking the lock. Reading the containers unlocked is safe under the GIL; an entry a
+        transfer thread adds meanwhile is reported on the next step.
+        """
+        if not (finished_req_ids or self._finished_reqs or self._done_loads or self._failed_loads):
+            return set(), set(), set()
         with self._lock:
             self._finished_reqs |= {r for r in finished_req_ids if r in self._pending_saves}
             sent = {r for r in self._finished_reqs if self._pending_saves[r] == 0}
@@ -161,12 +175,17 @@ class WorkerSide:
         return sent, recv, failed
 
     def take_error_blocks(self) -> set[int]:
+        if not self._error_blocks:
+            return set()
         with self._lock:
             out, self._error_blocks = self._error_blocks, set()
         return out
 
     def take_stats(self) -> PyMooncakeStats | None:
+        if not self._stats_dirty:
+            return None
         with self._lock:
+            self._stats_dirty = False
             if self._stats.is_empty():
                 return None
             out, self._stats = self._stats, PyMooncakeStats()
