@@ -11,7 +11,10 @@ Gets read each key ``--get-rounds`` times (our client caches replica locations u
 so repeated gets skip the master hop; Mooncake asks the master every time). All stores run at
 once and take turns: each size is ``--rounds`` rounds, and inside a round every store does its
 share in a rotating order, so a busy spell of the machine falls on all of them alike (the
-``rnd med`` column is the median of the per-round rates; ``GB/s`` is over all rounds).
+``rnd med`` column is the median of the per-round rates; ``GB/s`` is over all rounds). The
+``floor`` rows are bare Python sockets writing the same sizes (split over streams as our client
+splits them) into fresh, pre-populated ``/dev/shm`` pages of another process: the loopback TCP
+and memory cost any store's put pays on this machine, before its metadata round trips.
 
 Metadata path: ``batch_put_from`` of 4 KiB objects in batches of 256 until 10k / 50k / 200k
 objects are stored, then ``batch_is_exist`` of 256 keys and ``get_into`` of 4 KiB at each level;
@@ -84,6 +87,94 @@ def _pct(xs: list[float], q: float) -> float:
 
 
 # -- roles run in subprocesses ---------------------------------------------------------------
+
+def role_floor_receiver(segment: int) -> None:
+    """The floor's holder: bare sockets writing into fresh, pre-populated /dev/shm pages - what a
+    holder's memory is - at a new offset for every message, as a store's allocator does."""
+    import mmap
+    import socket
+    import threading
+
+    fd = os.open(f"/dev/shm/store-bench-floor-{os.getpid()}", os.O_RDWR | os.O_CREAT, 0o600)
+    os.unlink(f"/dev/shm/store-bench-floor-{os.getpid()}")
+    os.ftruncate(fd, segment)
+    mem = mmap.mmap(fd, segment)
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    libc.madvise(ctypes.addressof(ctypes.c_char.from_buffer(mem)), segment, 23)  # POPULATE_WRITE
+    view = memoryview(mem)
+    cursor = [0]
+    lock = threading.Lock()
+    listener = socket.create_server(("127.0.0.1", 0))
+    print(f"READY {listener.getsockname()[1]}", flush=True)
+
+    def serve(conn: socket.socket) -> None:
+        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        head = bytearray(8)
+        while conn.recv_into(head, 8, socket.MSG_WAITALL) == 8:
+            n = int.from_bytes(head, "big")
+            with lock:
+                at = cursor[0] if cursor[0] + n <= segment else 0
+                cursor[0] = at + n
+            dst = view[at:at + n]
+            while dst:
+                dst = dst[conn.recv_into(dst):]
+            conn.sendall(b"k")
+
+    while True:
+        conn, _ = listener.accept()
+        threading.Thread(target=serve, args=(conn,), daemon=True).start()
+
+
+def run_floor(segment_mib: int) -> list[dict[str, Any]]:
+    """Bare-socket writes of each size (split over streams as our client splits them), into a
+    receiver like a holder: the loopback TCP + memory floor any store's put pays here."""
+    import socket
+    from concurrent.futures import ThreadPoolExecutor
+
+    recv = subprocess.Popen([sys.executable, __file__, "--role", "floor",
+                             "--segment-mib", str(segment_mib)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert recv.stdout is not None
+        line = recv.stdout.readline()
+        if not line.startswith("READY "):
+            raise SystemExit("floor receiver failed to start")
+        port = int(line.split()[1])
+        socks = [socket.create_connection(("127.0.0.1", port)) for _ in range(4)]
+        for so in socks:
+            so.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        src = memoryview(bytearray(b"\x5a") * (16 * MIB))
+        pool = ThreadPoolExecutor(3)
+
+        def send(so: socket.socket, n: int) -> None:
+            so.sendmsg([n.to_bytes(8, "big"), src[:n]])
+            if so.recv(1) != b"k":
+                raise ConnectionError("floor receiver closed")
+
+        rows = []
+        for label, size in SIZES.items():
+            streams = 1 if size <= 512 * KIB else (2 if size <= 4 * MIB else 4)
+            piece = size // streams
+            lat = []
+            t0 = time.perf_counter()
+            for _ in range(COUNTS[size]):
+                t = time.perf_counter()
+                futures = [pool.submit(send, so, piece) for so in socks[1:streams]]
+                send(socks[0], piece)
+                for f in futures:
+                    f.result()
+                lat.append(time.perf_counter() - t)
+            secs = time.perf_counter() - t0
+            rows.append({"size": label, "op": "write", "gbps": COUNTS[size] * size / secs / 1e9,
+                         "p50_us": _pct(lat, 0.5) * 1e6, "streams": streams})
+        pool.shutdown()
+        for so in socks:
+            so.close()
+        return rows
+    finally:
+        recv.kill()
+        recv.wait()
+
 
 def role_holder(impl: str, master: str, segment: int) -> None:
     s = _setup(impl, master, segment, 16 * MIB)
@@ -320,13 +411,21 @@ def main(argv: list[str] | None = None) -> int:
                         help="data-path rounds per size, stacks alternating within each")
     parser.add_argument("--segment-mib", type=int, default=2048)
     parser.add_argument("--skip-data", action="store_true")
+    parser.add_argument("--warm-up", type=float, default=0.0, metavar="SECONDS",
+                        help="wait after starting the stores (a holder may still be faulting in "
+                        "its segment in the background)")
     parser.add_argument("--no-shm", action="store_true", help="leave out our shm-path run")
-    parser.add_argument("--role", choices=["holder", "client"], help=argparse.SUPPRESS)
+    parser.add_argument("--no-floor", action="store_true",
+                        help="leave out the bare-socket floor of the data path")
+    parser.add_argument("--role", choices=["holder", "client", "floor"], help=argparse.SUPPRESS)
     parser.add_argument("--master", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     objects = [int(x) for x in args.objects.split(",") if x and int(x) > 0]
     if args.role == "holder":
         role_holder(args.impl, args.master, args.segment_mib * MIB)
+        return 0
+    if args.role == "floor":
+        role_floor_receiver(args.segment_mib * MIB)
         return 0
     if args.role == "client":
         role_client(args.impl, args.master)
@@ -343,6 +442,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for impl, variant in wanted:
             stacks.append(Stack(impl, variant, args.segment_mib))
+        time.sleep(args.warm_up)
         data = {} if args.skip_data else run_data(stacks, args.rounds, args.get_rounds)
         for stack in stacks:
             meta = stack.metadata(objects) if objects and stack.variant == "tcp" else []
@@ -351,8 +451,9 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         for stack in stacks:
             stack.close()
+    floor = [] if args.skip_data or args.no_floor else run_floor(min(args.segment_mib, 1024))
     if args.json:
-        print(json.dumps({"runs": runs}, indent=1))
+        print(json.dumps({"runs": runs, "floor": floor}, indent=1))
         return 0
     print(f"{'impl':10} {'path':4} {'size':6} {'op':9} {'GB/s':>7} {'rnd med':>8} {'p50 us':>9} "
           f"{'p99 us':>9}")
@@ -360,6 +461,9 @@ def main(argv: list[str] | None = None) -> int:
         for r in run["data"]:
             print(f"{run['impl']:10} {run['path']:4} {r['size']:6} {r['op']:9} {r['gbps']:7.2f} "
                   f"{r['gbps_round_median']:8.2f} {r['p50_us']:9.0f} {r['p99_us']:9.0f}")
+    for r in floor:
+        print(f"{'floor':10} {'tcp':4} {r['size']:6} {'write':9} {r['gbps']:7.2f} {'':8} "
+              f"{r['p50_us']:9.0f}")
     print(f"\n{'impl':10} {'objects':>8} {'put obj/s':>10} {'exist256 p50':>13} "
           f"{'get4k p50':>10} {'master MB':>10} {'B/object':>9}")
     for run in runs:
