@@ -76,3 +76,31 @@ def test_bodies_the_proxy_cannot_route_get_400(proxy, path, body, fragment):
     answer = http_exchange(proxy.port, _post(path, json.dumps({"model": "mini", **body}).encode()))
     assert answer.status == 400, answer.body
     assert fragment in json.loads(answer.body)["error"]["message"]
+
+
+async def test_connect_with_non_utf8_expect_gets_json_errors() -> None:
+    """Found by the long fuzz run: CONNECT's target matches no route, and aiohttp's own route
+    answered a non-UTF-8 Expect header with a 500. Every request now reaches our handlers."""
+    import asyncio
+
+    from scheduler.proxy import Proxy, ProxySettings
+    from scheduler.proxy.instances import InstanceSpec
+    from scheduler.testing import MiniEngine
+
+    engine = await MiniEngine().start()
+    proxy = Proxy([InstanceSpec(engine.url, "mixed")], settings=ProxySettings(port=0))
+    await proxy.start()
+    try:
+        host, port = proxy.url.split("//")[1].split(":")
+        for expect, status in ((b"Expect: \xff\xfe\r\n", b"417"), (b"", b"404")):
+            reader, writer = await asyncio.open_connection(host, int(port))
+            writer.write(b"CONNECT /v1/models HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+                         + expect + b"Content-Length: 2\r\n\r\n{}")
+            await writer.drain()
+            answer = await asyncio.wait_for(reader.read(), 10)
+            writer.close()
+            assert answer.startswith(b"HTTP/1.1 " + status), answer[:80]
+            assert b"application/json" in answer
+    finally:
+        await proxy.stop()
+        await engine.stop()

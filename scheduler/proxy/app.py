@@ -34,6 +34,8 @@ from typing import Any
 import msgspec
 from aiohttp import web
 from aiohttp.web_protocol import RequestPayloadError
+from aiohttp.web_urldispatcher import (AbstractMatchInfo, AbstractRoute, MatchInfoError,
+                                      UrlMappingMatchInfo)
 
 from scheduler.policy import (
     Conductor,
@@ -131,6 +133,23 @@ async def _expect(request: web.Request) -> web.Response | None:
     return _error(417, "only 'Expect: 100-continue' is supported", "expectation_failed")
 
 
+class _Router(web.UrlDispatcher):
+    """A router under which every request reaches our catch-all route (and so our Expect check).
+
+    Why: a ``CONNECT`` request's authority-form target matches no path, so aiohttp answers it on
+    a system route with its default Expect handler, which fails with a 500 on a header value that
+    is not UTF-8 (found by fuzzing). Anything that matches nothing goes to ``fallback`` instead.
+    """
+
+    fallback: AbstractRoute | None = None
+
+    async def resolve(self, request: web.Request) -> AbstractMatchInfo:
+        match = await super().resolve(request)
+        if isinstance(match, MatchInfoError) and self.fallback is not None:
+            return UrlMappingMatchInfo({"tail": ""}, self.fallback)
+        return match
+
+
 class Proxy:
     """Owns the HTTP server, the instance pool and the Conductor (see the module docstring)."""
 
@@ -182,7 +201,8 @@ class Proxy:
 
     def app(self) -> web.Application:
         # The auth middleware only when a key is set: every middleware costs every request.
-        app = web.Application(client_max_size=self.settings.max_body_bytes,
+        router = _Router()
+        app = web.Application(router=router, client_max_size=self.settings.max_body_bytes,
                               middlewares=[self._auth_middleware] if self.settings.api_key else [])
         app.router.add_post("/v1/completions", self._completions, expect_handler=_expect)
         app.router.add_post("/v1/chat/completions", self._chat, expect_handler=_expect)
@@ -190,7 +210,8 @@ class Proxy:
         app.router.add_get("/health", self._health, expect_handler=_expect)
         app.router.add_get("/metrics", self._metrics, expect_handler=_expect)
         # Last: every other method and path gets a JSON error, through the same Expect check.
-        app.router.add_route("*", "/{tail:.*}", self._no_route, expect_handler=_expect)
+        router.fallback = app.router.add_route("*", "/{tail:.*}", self._no_route,
+                                               expect_handler=_expect)
         return app
 
     async def start(self) -> None:
