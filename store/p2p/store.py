@@ -203,12 +203,9 @@ class P2PStore:
                     [h for h in cur.holders if h.segment in live and h.segment != me.segment]
                     + [me])
 
-            await self._metadata.put(lease_key(name, self.segment), b"1", ttl=self._lease_ttl)
-            await self._update(name, add)
+            await self._become_holder(name, add)
         except BaseException:
-            await self._detach(held)
-            with contextlib.suppress(MetadataError, OSError, ValueError):
-                await self._metadata.delete(lease_key(name, self.segment))
+            await self._abandon(name, held)
             raise
         self._held[name] = held
         return _info(held.record, [self.segment])
@@ -247,18 +244,29 @@ class P2PStore:
                 return cur.with_holders([h for h in cur.holders if h.segment != me.segment]
                                         + [me])
 
-            await self._metadata.put(lease_key(name, self.segment), b"1", ttl=self._lease_ttl)
-            await self._update(name, add)
+            await self._become_holder(name, add)
         except BaseException:
-            await self._detach(held)
-            with contextlib.suppress(MetadataError, OSError, ValueError):
-                await self._metadata.delete(lease_key(name, self.segment))
+            await self._abandon(name, held)
             raise
         finally:
             with contextlib.suppress(MetadataError, OSError, ValueError):
                 await self._metadata.delete(partial_prefix(name) + self.segment)
         self._held[name] = held
         return GetResult(name, record.size, seconds, stats, fetcher.refetches)
+
+    async def _become_holder(
+        self, name: str, add: Callable[[ObjectRecord | None, set[str]], ObjectRecord | None]
+    ) -> None:
+        """Take this node's lease on ``name``, then add it to the record's holders (``add``
+        computes the new record from the current one; applied by compare-and-set)."""
+        await self._metadata.put(lease_key(name, self.segment), b"1", ttl=self._lease_ttl)
+        await self._update(name, add)
+
+    async def _abandon(self, name: str, held: _Held) -> None:
+        """Undo a register or get that failed: release the memory and drop the lease."""
+        await self._detach(held)
+        with contextlib.suppress(MetadataError, OSError, ValueError):
+            await self._metadata.delete(lease_key(name, self.segment))
 
     async def _sources(self, name: str) -> tuple[list[Holder], list[tuple[Holder, bytes]]]:
         record, _, live = await self._live_holders(name, prune=False)
