@@ -109,6 +109,28 @@ def test_unusual_ops_fall_back_to_the_loop_path(pool):
         user.unregister(addr)
 
 
+def test_existence_lookups_run_on_the_caller_thread(pool):
+    holder, user = pool
+    assert user.direct is not None
+    holder.put("ct/ex/a", b"a")
+    user.put("ct/ex/b", b"b")
+    hits = user.direct.hits
+    keys = ["ct/ex/a", "ct/ex/missing", "ct/ex/b"]
+    assert user.batch_exists(keys) == [True, False, True]
+    assert user.exists("ct/ex/b") and not user.exists("ct/ex/missing")
+    assert user.direct.hits == hits + 3
+    # The lease asked for on the caller thread is granted: a plain remove is refused.
+    assert user.batch_exists(["ct/ex/a"], grant_lease=True) == [True]
+    with pytest.raises(StoreError) as e:
+        holder.remove("ct/ex/a")
+    assert e.value.code == MasterErrorCode.OBJECT_HAS_LEASE
+    # A bad key takes the loop path, which reports it precisely.
+    with pytest.raises(StoreError) as e:
+        user.batch_exists(["ct/ex/a", ""])
+    assert e.value.code == MasterErrorCode.INVALID_KEY
+    assert user.direct.hits == hits + 4
+
+
 def test_refusals_raise_from_the_caller_thread(pool):
     _, user = pool
     with pytest.raises(StoreError) as e:

@@ -232,10 +232,15 @@ class StoreClient:
     # -- metadata -----------------------------------------------------------------------------
 
     def exists(self, key: str, grant_lease: bool = False) -> bool:
-        return bool(self._run(self.core.exists([key], grant_lease))[0])
+        return self.batch_exists([key], grant_lease)[0]
 
     def batch_exists(self, keys: Sequence[str], grant_lease: bool = False) -> list[bool]:
-        return list(self._run(self.core.exists(list(keys), grant_lease)))
+        keys = list(keys)
+        if self.direct is not None:
+            got = self.direct.exists(keys, grant_lease)
+            if got is not FALLBACK:
+                return got
+        return list(self._run(self.core.exists(keys, grant_lease)))
 
     def get_size(self, key: str) -> int:
         """The value's size in bytes (also grants the read lease, like a get)."""
