@@ -8,6 +8,7 @@ interpreted in exactly one place and a dead store turns into ``StoreError`` / mi
 """
 from __future__ import annotations
 
+import enum
 import importlib
 import json
 import logging
@@ -21,7 +22,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-__all__ = ["STORE_IMPLS", "StoreBackend", "StoreError", "StoreSettings"]
+__all__ = ["STORE_IMPLS", "StagedOutcome", "StoreBackend", "StoreError", "StoreSettings"]
 
 logger = logging.getLogger(__name__)
 
@@ -36,6 +37,15 @@ _UNREACHABLE_RC = -800
 
 class StoreError(RuntimeError):
     """The store could not be set up or answered a call with an error."""
+
+
+class StagedOutcome(enum.IntEnum):
+    """What became of one object of a staged put (see :meth:`StoreBackend.stage_commit`)."""
+
+    SAVED = 0
+    PRESENT = 1
+    """Another writer had stored (or was storing) it: nothing to do for a cache."""
+    FAILED = 2
 
 
 @dataclass(frozen=True)
@@ -129,6 +139,60 @@ class StoreBackend:
         self._gate = threading.Lock()
         self._probe: Future | None = None
         self._lookup_pool: ThreadPoolExecutor | None = None
+        self._staged: Any = None
+
+    # -- staged puts (ours only) ---------------------------------------------------------------
+    def enable_staged_puts(self, window_s: float | None = None) -> bool:
+        """Turn on :meth:`stage_begin` & co. (``store.client.staged``); ``False`` when this
+        store cannot write an object in pieces (the real Mooncake's client has no such call)."""
+        if self.impl != "store":
+            return False
+        from store.client.staged import StagedPut  # noqa: PLC0415 - ours only
+
+        self._staged = StagedPut(self._client._c(), window_s=window_s,
+                                 config=self._replicate.to_wire())
+        return True
+
+    def stage_begin(self, keys: Sequence[str], size: int) -> Any:
+        """Reserve one object of ``size`` bytes per key; returns a handle at once (the master
+        call runs in the background and writes queue behind it)."""
+        if self._staged is None:
+            raise StoreError("staged puts are not enabled")
+        if not self.healthy:
+            raise StoreError("store is down")
+        try:
+            return self._staged.begin(keys, [size] * len(keys))
+        except Exception as exc:  # noqa: BLE001 - one error type for the connector
+            raise StoreError(f"staged put refused: {exc}") from exc
+
+    def stage_write(self, handle: Any, items: Sequence[tuple[str, int, Sequence[tuple[int, int]]]]) -> None:
+        """Queue ``(key, offset, [(address, length)...])`` writes; returns at once."""
+        try:
+            self._staged.write_many(handle, items)
+        except Exception as exc:  # noqa: BLE001
+            raise StoreError(f"staged write refused: {exc}") from exc
+
+    def stage_commit(self, handle: Any) -> list[StagedOutcome]:
+        """Wait for the writes and publish; per key what happened (failed objects are revoked)."""
+        from store.client.staged import staged_error_is_exists  # noqa: PLC0415
+
+        try:
+            errors = self._staged.commit(handle)
+        except Exception as exc:  # noqa: BLE001 - a broken store: every object failed
+            self.mark_down(f"staged commit failed: {exc}")
+            return [StagedOutcome.FAILED] * len(handle.keys)
+        # Per-key failures (an incomplete object, a write that failed) do not mark the store
+        # down: the connector puts those objects whole next, and that put judges the store.
+        return [StagedOutcome.SAVED if e is None else
+                StagedOutcome.PRESENT if staged_error_is_exists(e) else StagedOutcome.FAILED
+                for e in errors]
+
+    def stage_abort(self, handle: Any) -> None:
+        """Give the reservation back (after in-flight writes end); errors are only logged."""
+        try:
+            self._staged.abort(handle)
+        except Exception as exc:  # noqa: BLE001 - the master reclaims it after its timeout
+            logger.debug("staged abort failed: %s", exc)
 
     @property
     def healthy(self) -> bool:

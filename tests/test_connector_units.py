@@ -25,6 +25,12 @@ def test_defaults_use_our_store_and_async_loads() -> None:
         ("store", True, "auto", 5.0)
 
 
+def test_save_mode_defaults_to_step_and_layer_is_accepted() -> None:
+    assert ConnectorSettings.from_extra_config(None).save_mode == "step"
+    s = ConnectorSettings.from_extra_config({"save_mode": "layer", "save_window_s": 2})
+    assert (s.save_mode, s.save_window_s) == ("layer", 2.0)
+
+
 def test_unknown_key_is_named() -> None:
     with pytest.raises(ValueError, match=r"unknown kv_connector_extra_config keys \['load_asnyc'\]"):
         ConnectorSettings.from_extra_config({"load_asnyc": False})
@@ -42,6 +48,10 @@ def test_unknown_key_is_named() -> None:
     ({"store": "127.0.0.1:50051"}, "store"),
     ({"tenant": 7}, "tenant"),
     ({"store_config_path": 1}, "store_config_path"),
+    ({"save_mode": "block"}, "save_mode"),
+    ({"save_mode": 1}, "save_mode"),
+    ({"save_window_s": 0}, "save_window_s"),
+    ({"save_window_s": "2"}, "save_window_s"),
 ])
 def test_bad_values_are_refused(extra: dict, match: str) -> None:
     with pytest.raises(ValueError, match=match):
@@ -76,6 +86,20 @@ def test_supported_versions_pass(version: str) -> None:
 def test_unsupported_version_fails_clearly(version: str) -> None:
     with pytest.raises(RuntimeError, match=rf"supports vLLM >= 0\.32, < 0\.33; found {version}"):
         check_vllm_version(version)
+
+
+def test_cpu_core_reservation_warning(monkeypatch: pytest.MonkeyPatch) -> None:
+    from mooncake_connector.vllm.compat import RESERVED_CPU_ENV, cpu_core_reservation_warning
+
+    monkeypatch.delenv(RESERVED_CPU_ENV, raising=False)
+    monkeypatch.delenv("VLLM_CPU_OMP_THREADS_BIND", raising=False)
+    # The worker's OpenMP threads took every core: vLLM reserved none (the 2-core case).
+    assert RESERVED_CPU_ENV in cpu_core_reservation_warning(num_threads=2, cpu_count=2)
+    # A core left for the engine core: vLLM's binding without a connector.
+    assert cpu_core_reservation_warning(num_threads=1, cpu_count=2) is None
+    assert cpu_core_reservation_warning(num_threads=14, cpu_count=16) is None
+    monkeypatch.setenv(RESERVED_CPU_ENV, "1")
+    assert cpu_core_reservation_warning(num_threads=2, cpu_count=2) is None
 
 
 def test_installed_vllm_is_supported() -> None:
@@ -140,6 +164,23 @@ def test_gpu_style_kv_first_layout_has_two_segments_per_layer() -> None:
     assert sizes == [16 * 2 * 8 * 4] * 2
 
 
+def test_layer_pieces_concatenate_to_the_whole_block() -> None:
+    import torch
+
+    from mooncake_connector.vllm.layout import BlockLayout
+
+    cpu = BlockLayout.from_tensors([torch.zeros(6, 2, 16, 16) for _ in range(3)], 6)
+    gpu = BlockLayout.from_tensors([torch.zeros(2, 5, 16, 2, 8) for _ in range(2)], 5)
+    for layout, block in ((cpu, 4), (gpu, 3)):
+        ptrs, sizes = layout.block_buffers(block)
+        pieces = [p for layer in range(len(layout.bases)) for p in layout.layer_pieces(layer, block)]
+        assert pieces == list(zip(ptrs, sizes))
+        offsets = layout.layer_offsets
+        assert offsets[0] == 0 and len(offsets) == len(layout.bases)
+        assert all(offsets[i + 1] - offsets[i] == sum(n for _, n in layout.layer_pieces(i, block))
+                   for i in range(len(offsets) - 1))
+
+
 def test_unsupported_layout_is_refused() -> None:
     import torch
 
@@ -200,6 +241,60 @@ def test_dead_master_answers_misses_fast_and_marks_store_down(tmp_path: Path) ->
                 backend.get_multi(["a"], [[0]], [[1]])
         finally:
             backend.close()
+
+
+def _kv(num_blocks: int, seed: int):
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    return {f"model.layers.{i}.self_attn.attn": torch.randint(
+        -100, 100, (num_blocks, 2, 64, 32), generator=g).to(torch.bfloat16) for i in range(3)}
+
+
+def _worker(cluster, **kw):
+    from mooncake_connector.vllm.worker import WorkerSide
+
+    backend = StoreBackend("store", StoreSettings.from_sources(path=cluster.config_path))
+    return WorkerSide(backend, load_async=False, **kw)
+
+
+@pytest.mark.parametrize("missing_layer", [False, True])
+def test_layer_wise_save_stores_the_same_bytes_as_whole_block_puts(tmp_path: Path,
+                                                                    missing_layer: bool) -> None:
+    """save_mode=layer against a real store: each layer's pages are written as vLLM reports
+    the layer; another worker loads them back intact. A layer that is never reported leaves
+    the staged objects incomplete: they are put whole after the commit instead."""
+    from mooncake_connector.testing.store_cluster import StoreCluster
+    from mooncake_connector.vllm.metadata import BlockTransfer, PyMooncakeMetadata
+
+    with StoreCluster(segment_size=64 << 20, workdir=tmp_path) as cluster:
+        saver, loader = _worker(cluster, save_mode="layer", save_window_s=2.0), _worker(cluster)
+        try:
+            src, dst = _kv(8, seed=1), _kv(8, seed=2)
+            saver.register_kv_caches(src, 8)
+            loader.register_kv_caches(dst, 8)
+            keys = [f"layerwise/{missing_layer}/{i}" for i in range(3)]
+            meta = PyMooncakeMetadata(saves=[BlockTransfer("r1", keys[:2], [1, 3]),
+                                             BlockTransfer("r2", keys[2:] + keys[:1], [6, 1])])
+            saver.begin_step(meta)
+            for i, name in enumerate(src):
+                if not (missing_layer and i == 1):
+                    saver.save_layer(name)
+            saver.submit_saves(meta)
+            saver.wait_for_inflight_saves()
+            stats = saver.take_stats().reduce()
+            assert stats["saved_blocks"] == 3 and stats["save_errors"] == 0
+            assert stats["save_skipped_blocks"] == 1  # keys[0] twice in one step
+            assert stats["layer_saved_blocks"] == (0 if missing_layer else 3)
+            assert saver.get_finished({"r1", "r2"})[0] == {"r1", "r2"}
+            loader.start_load(PyMooncakeMetadata(loads=[BlockTransfer("r3", keys, [0, 2, 5])]))
+            assert loader.take_error_blocks() == set()
+            for name in src:
+                for s_block, d_block in ((1, 0), (3, 2), (6, 5)):
+                    assert src[name][s_block].equal(dst[name][d_block])
+        finally:
+            saver.shutdown()
+            loader.shutdown()
 
 
 def test_unknown_store_impl_and_unreachable_master() -> None:

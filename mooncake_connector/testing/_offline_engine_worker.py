@@ -16,6 +16,15 @@ import time
 from typing import Any
 
 
+def _counters(llm: Any, prefix: str) -> dict[str, float]:
+    """Current values of the engine's metrics named ``prefix...`` (summed over labels)."""
+    out: dict[str, float] = {}
+    for m in llm.get_metrics():
+        if m.name.startswith(prefix) and hasattr(m, "value"):
+            out[m.name] = out.get(m.name, 0) + float(m.value)
+    return out
+
+
 def _tokens_by_source(llm: Any) -> dict[str, float]:
     try:
         metrics = llm.get_metrics()
@@ -27,6 +36,20 @@ def _tokens_by_source(llm: Any) -> dict[str, float]:
             src = m.labels.get("source", "")
             out[src] = out.get(src, 0) + float(m.value)
     return out
+
+
+def _decode_step_s(out: Any) -> float | None:
+    """Seconds per decode step of one request, from the engine core's own token timestamps.
+
+    Why: (last token - first token) / (tokens - 1) is pure decoding - no prefill, lookup, save
+    or front-end time - so a connector's per-step cost shows without the noise of subtracting
+    two whole ``generate`` calls. ``None`` when vLLM gives no timings (stats disabled).
+    """
+    m = getattr(out, "metrics", None)
+    n = getattr(m, "num_generation_tokens", 0) if m is not None else 0
+    if n < 2 or not m.first_token_ts or not m.last_token_ts:
+        return None
+    return (m.last_token_ts - m.first_token_ts) / (n - 1)
 
 
 def main() -> None:
@@ -43,6 +66,9 @@ def main() -> None:
     print("RESULT " + json.dumps({"ready": True}), flush=True)
     for line in sys.stdin:
         cmd = json.loads(line)
+        if "metrics" in cmd:
+            print("RESULT " + json.dumps(_counters(llm, str(cmd["metrics"]))), flush=True)
+            continue
         kvp = cmd.get("kv_transfer_params") or [None] * len(cmd["prompts"])
         params = [SamplingParams(temperature=0.0, max_tokens=cmd["max_tokens"], ignore_eos=True,
                                  extra_args={"kv_transfer_params": p} if p else None) for p in kvp]
@@ -63,6 +89,7 @@ def main() -> None:
             "kv_transfer_params": o.kv_transfer_params,
             "ttft_s": elapsed,
             "tokens_by_source": delta,
+            "decode_step_s": _decode_step_s(o),
         } for o in outs]), flush=True)
 
 

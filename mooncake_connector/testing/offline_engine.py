@@ -102,6 +102,12 @@ class OfflineEngine:
                     "kv_transfer_params": list(kv_transfer_params) if kv_transfer_params else None})
         return self._read(timeout)
 
+    def counters(self, prefix: str = "vllm:pymooncake_", timeout: float = 30.0) -> dict[str, float]:
+        """The engine's counters named ``prefix...`` now (vLLM updates them as the engine core
+        reports stats, so a transfer that just finished may show a step later)."""
+        self._send({"metrics": prefix})
+        return self._read(timeout)
+
     def log_tail(self, n: int = 40) -> str:
         return tail_file(self.log_path, n)
 

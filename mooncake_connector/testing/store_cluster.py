@@ -34,6 +34,9 @@ class StoreCluster(MasterAndHolder):
     workdir: Path | None = None
     master_port: int = 0
     client_ttl: float = 2.0
+    put_start_timeout: float = 5.0
+    """The master reclaims a put not ended this long after it started; layer-wise saves
+    (``save_window_s``) must finish well within it."""
     segments: list[str] = field(default_factory=list, init=False)
 
     @property
@@ -82,7 +85,8 @@ class StoreCluster(MasterAndHolder):
         self._master = subprocess.Popen(
             [sys.executable, "-m", "store.master", "--rpc-port", str(self.master_port),
              "--metrics-port", str(free_port()), "--enable-http-metadata-server", "false",
-             "--client-ttl", str(self.client_ttl), "--put-start-timeout", "5",
+             "--client-ttl", str(self.client_ttl),
+             "--put-start-timeout", str(self.put_start_timeout),
              "--log-level", "WARNING"],
             cwd=_REPO, stdout=self._log("master.log"), stderr=subprocess.STDOUT,
             start_new_session=True)

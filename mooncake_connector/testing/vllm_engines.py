@@ -43,7 +43,13 @@ def cpu_engine_env(base: dict[str, str] | None = None, **extra: str) -> dict[str
     env.setdefault("TRANSFORMERS_OFFLINE", "1")
     env.setdefault("VLLM_NO_USAGE_STATS", "1")
     env.setdefault("OMP_NUM_THREADS", "1")
+    # With a KV connector vLLM reserves one more core than these hosts have and then reserves
+    # none: the worker's OpenMP threads take every core (see mooncake_connector.vllm.compat).
+    # 1 is what vLLM reserves without a connector, so engines with and without one compare.
+    env.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "1")
     env.update(extra)
+    if env.get("VLLM_CPU_NUM_OF_RESERVED_CPU") == "auto":  # vLLM's own choice, for comparisons
+        del env["VLLM_CPU_NUM_OF_RESERVED_CPU"]
     return env
 
 

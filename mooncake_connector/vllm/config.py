@@ -12,9 +12,10 @@ from typing import Any
 
 from mooncake_connector.store_backend import STORE_IMPLS, StoreSettings
 
-__all__ = ["ConnectorSettings", "SAVE_POLICIES"]
+__all__ = ["ConnectorSettings", "SAVE_MODES", "SAVE_POLICIES"]
 
 SAVE_POLICIES = ("auto", "always", "never")
+SAVE_MODES = ("step", "layer")
 
 
 @dataclass(frozen=True)
@@ -26,6 +27,14 @@ class ConnectorSettings:
     store: dict[str, Any] = field(default_factory=dict)
     load_async: bool = True
     save_policy: str = "auto"
+    save_mode: str = "step"
+    """``"step"``: blocks are put whole after the forward pass; ``"layer"``: each layer is
+    written during the pass into a staged put (ours only). "step" stays the default because a
+    layer-wise save must finish within the master's ``put_start_timeout``, which the client
+    cannot check: set "layer" together with a ``save_window_s`` below that timeout."""
+    save_window_s: float | None = None
+    """``save_mode="layer"``: how long one step's staged put may write (default: half the store
+    client's ``master.put_start_timeout``); it must stay below the master's put timeout."""
     remote_prefill_wait_s: float = 5.0
     exists_poll_interval_s: float = 0.005
     lookup_timeout_s: float = 1.0
@@ -49,6 +58,11 @@ class ConnectorSettings:
         if self.save_policy not in SAVE_POLICIES:
             raise ValueError(f"kv_connector_extra_config.save_policy={self.save_policy!r}: "
                              f"allowed {SAVE_POLICIES}")
+        if self.save_mode not in SAVE_MODES:
+            raise ValueError(f"kv_connector_extra_config.save_mode={self.save_mode!r}: "
+                             f"allowed {SAVE_MODES}")
+        if self.save_window_s is not None and not 0 < self.save_window_s <= 3600:
+            raise ValueError("kv_connector_extra_config.save_window_s must be in (0, 3600]")
         if not 0 <= self.remote_prefill_wait_s <= 600:
             raise ValueError("kv_connector_extra_config.remote_prefill_wait_s must be in [0, 600]")
         for name in ("exists_poll_interval_s", "lookup_timeout_s", "store_retry_interval_s"):
@@ -79,8 +93,8 @@ class ConnectorSettings:
             if key in extra and not isinstance(extra[key], bool):
                 raise ValueError(f"kv_connector_extra_config.{key} must be true or false")
         for key in ("remote_prefill_wait_s", "exists_poll_interval_s", "lookup_timeout_s",
-                    "store_retry_interval_s"):
-            if key in extra:
+                    "store_retry_interval_s", "save_window_s"):
+            if key in extra and not (key == "save_window_s" and extra[key] is None):
                 value = extra[key]
                 if isinstance(value, bool) or not isinstance(value, (int, float)):
                     raise ValueError(f"kv_connector_extra_config.{key} must be a number of seconds")
@@ -96,6 +110,8 @@ class ConnectorSettings:
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise ValueError("kv_connector_extra_config.registration_ttl_s must be a number")
             extra["registration_ttl_s"] = float(value)
+        if "save_mode" in extra and not isinstance(extra["save_mode"], str):
+            raise ValueError("kv_connector_extra_config.save_mode must be \"step\" or \"layer\"")
         for key in ("store_config_path", "model_id", "advertise_url", "instance_role",
                     "instance_id", "store_segment"):
             if key in extra and extra[key] is not None and not isinstance(extra[key], str):

@@ -18,6 +18,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 
 from mooncake_connector.registry import role_of_kv_role
 from mooncake_connector.store_backend import StoreBackend, StoreError
+from mooncake_connector.vllm.compat import cpu_core_reservation_warning
 from mooncake_connector.vllm.config import ConnectorSettings
 from mooncake_connector.vllm.layout import build_namespace
 from mooncake_connector.vllm.metadata import PyMooncakeMetadata
@@ -80,7 +81,9 @@ class PyMooncakeConnector(KVConnectorBase_V1):
         else:
             store = StoreBackend(self.settings.store_impl, self.settings.store_settings(),
                                      retry_interval_s=self.settings.store_retry_interval_s)
-            self._worker = WorkerSide(store, load_async=self.settings.load_async)
+            self._worker = WorkerSide(store, load_async=self.settings.load_async,
+                                      save_mode=self.settings.save_mode,
+                                      save_window_s=self.settings.save_window_s)
 
     def _register(self, namespace: dict[str, Any], kv_role: str | None) -> Any:
         """Announce this engine in etcd (``etcd_endpoints`` + ``advertise_url``) for proxies."""
@@ -105,6 +108,16 @@ class PyMooncakeConnector(KVConnectorBase_V1):
     def register_kv_caches(self, kv_caches: "dict[str, torch.Tensor]") -> None:
         assert self._worker is not None
         self._worker.register_kv_caches(kv_caches, self._num_blocks)
+        warning = cpu_core_reservation_warning()
+        if warning is not None:
+            logger.warning("PyMooncakeConnector: %s", warning)
+
+    def bind_connector_metadata(self, connector_metadata: KVConnectorMetadata) -> None:
+        super().bind_connector_metadata(connector_metadata)
+        # Bound before every forward pass (start_load_kv may run after it): the earliest
+        # moment a layer-wise save can reserve its blocks.
+        if self._worker is not None and isinstance(connector_metadata, PyMooncakeMetadata):
+            self._worker.begin_step(connector_metadata)
 
     def start_load_kv(self, forward_context: "ForwardContext", **kwargs: Any) -> None:
         assert self._worker is not None
@@ -119,9 +132,10 @@ class PyMooncakeConnector(KVConnectorBase_V1):
 
     def save_kv_layer(self, layer_name: str, kv_layer: "torch.Tensor",
                       attn_metadata: "AttentionMetadata", **kwargs: Any) -> None:
-        # One object per block holds every layer, so the save is submitted once all layers are
-        # written, in wait_for_save (which returns without waiting for it).
-        return
+        # save_mode "layer": queue this layer's pages into the step's staged put; "step": the
+        # blocks are put whole once all layers are written, in wait_for_save.
+        assert self._worker is not None
+        self._worker.save_layer(layer_name)
 
     def wait_for_save(self) -> None:
         assert self._worker is not None

@@ -93,6 +93,21 @@ class BlockLayout:
         """Size of one stored object: all layers of one block."""
         return sum(size for layer in self.segments for _, size in layer)
 
+    @property
+    def layer_offsets(self) -> tuple[int, ...]:
+        """Where each layer's bytes start inside a stored object (layers are concatenated in
+        order, so a layer-wise save writes exactly the bytes a whole-block save writes)."""
+        out, pos = [], 0
+        for layer in self.segments:
+            out.append(pos)
+            pos += sum(size for _, size in layer)
+        return tuple(out)
+
+    def layer_pieces(self, layer: int, block_id: int) -> list[tuple[int, int]]:
+        """``(address, size)`` of block ``block_id`` in layer ``layer``, in object order."""
+        start = self.bases[layer] + block_id * self.block_stride[layer]
+        return [(start + off, size) for off, size in self.segments[layer]]
+
     def block_buffers(self, block_id: int) -> tuple[list[int], list[int]]:
         """Pointers and sizes of block ``block_id`` across all layers, in layer order."""
         ptrs, sizes = [], []

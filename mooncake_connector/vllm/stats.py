@@ -37,6 +37,8 @@ COUNTERS: dict[str, str] = {
     "saved_bytes": "Bytes of KV saved to the store.",
     "save_skipped_blocks": "KV blocks not saved because the store had them already.",
     "save_errors": "KV blocks whose save failed.",
+    "layer_saved_blocks": "KV blocks saved layer by layer during the forward pass "
+                          "(save_mode=layer; the rest of saved_blocks were put whole).",
     "save_time_s": "Seconds spent saving KV to the store.",
 }
 # Per-transfer duration lists (one entry per request's load or save) -> histogram help text.

@@ -1,10 +1,20 @@
 """Worker side of :class:`PyMooncakeConnector`: move KV blocks between vLLM's pages and the store.
 
 Why one store object per block holding all layers: a block is gathered straight from the
-per-layer pages with ``batch_put_from_multi_buffers`` (zero-copy, no staging buffer) under one
-key, so a lookup is one key per block and the master handles L times fewer objects than with
-one key per (block, layer). Saves run on a background thread after the step's forward pass
-(``wait_for_save`` submits, it does not wait); the scheduler keeps the blocks until the worker
+per-layer pages (zero-copy, no staging buffer) under one key, so a lookup is one key per block
+and the master handles L times fewer objects than with one key per (block, layer).
+
+Two save modes (``save_mode``), same bytes under the same keys:
+
+* ``step``: after the forward pass, ``wait_for_save`` hands the step's blocks to a background
+  thread, which asks which exist and puts the others whole (``batch_put_from_multi_buffers``).
+* ``layer``: a staged put (``store.client.staged``) reserves the step's blocks when vLLM binds
+  the step's metadata, before the forward pass; ``save_kv_layer`` queues each layer's pages as
+  the layer finishes (the copy overlaps the rest of the pass); ``wait_for_save`` hands the
+  commit to the background thread. Whatever the staged put could not publish (store refused,
+  a layer never reported, the window passed) is put whole afterwards, as in ``step`` mode.
+
+Either way ``wait_for_save`` does not wait: the scheduler keeps the blocks until the worker
 reports them saved. Loads run on another thread; asynchronous ones are reported through
 ``get_finished``, synchronous ones complete in ``start_load_kv`` before the forward pass.
 """
@@ -17,7 +27,7 @@ from collections import defaultdict
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
-from mooncake_connector.store_backend import StoreBackend
+from mooncake_connector.store_backend import StagedOutcome, StoreBackend, StoreError
 from mooncake_connector.vllm.layout import BlockLayout
 from mooncake_connector.vllm.metadata import BlockTransfer, PyMooncakeMetadata
 from mooncake_connector.vllm.stats import PyMooncakeStats
@@ -31,13 +41,39 @@ __all__ = ["WorkerSide"]
 logger = init_logger("vllm." + __name__)
 
 
+class _StagedStep:
+    """One step's layer-wise save: the staged put and the blocks it covers, first key wins."""
+
+    def __init__(self, handle: Any, saves: list[BlockTransfer]) -> None:
+        self.handle = handle
+        self.saves = saves
+        self.started = time.perf_counter()
+        self.blocks: list[tuple[str, int]] = []   # (key, block id), each key once
+        seen: set[str] = set()
+        for t in saves:
+            for key, block in zip(t.keys, t.block_ids):
+                if key not in seen:
+                    seen.add(key)
+                    self.blocks.append((key, block))
+        self.broken = False
+
+
 class WorkerSide:
     """Executes the scheduler's load/save plans against registered KV tensors."""
 
-    def __init__(self, store: StoreBackend, *, load_async: bool) -> None:
+    def __init__(self, store: StoreBackend, *, load_async: bool, save_mode: str = "step",
+                 save_window_s: float | None = None) -> None:
         self.store = store
         self.load_async = load_async
+        self.save_mode = save_mode
+        if save_mode == "layer" and not store.enable_staged_puts(save_window_s):
+            logger.warning("PyMooncakeConnector: store_impl %r cannot write objects in pieces; "
+                           "save_mode \"layer\" falls back to \"step\"", store.impl)
+            self.save_mode = "step"
         self.layout: BlockLayout | None = None
+        self._layer_index: dict[str, int] = {}
+        self._layer_offsets: tuple[int, ...] = ()
+        self._step: _StagedStep | None = None
         self._save_pool = ThreadPoolExecutor(1, thread_name_prefix="pymooncake-save")
         self._load_pool = ThreadPoolExecutor(1, thread_name_prefix="pymooncake-load")
         self._lock = threading.Lock()
@@ -53,6 +89,8 @@ class WorkerSide:
     def register_kv_caches(self, kv_caches: "dict[str, torch.Tensor]", num_blocks: int) -> None:
         tensors = list(kv_caches.values())
         self.layout = BlockLayout.from_tensors(tensors, num_blocks)
+        self._layer_index = {name: i for i, name in enumerate(kv_caches)}
+        self._layer_offsets = self.layout.layer_offsets
         seen: set[int] = set()
         for t in tensors:
             storage = t.untyped_storage()
@@ -115,11 +153,11 @@ class WorkerSide:
                 self._load(t)
 
     # -- saves ---------------------------------------------------------------------------------
-    def _save(self, t: BlockTransfer) -> None:
-        assert self.layout is not None
-        start = time.perf_counter()
+    def _put_whole(self, t: BlockTransfer, *, check: bool = True) -> tuple[int, int, int]:
+        """Put ``t``'s blocks whole (those not in the store yet when ``check``); returns
+        (saved, already present, errors)."""
         try:
-            present = self.store.exists(t.keys)
+            present = self.store.exists(t.keys) if check else [False] * len(t.keys)
             todo = [i for i, p in enumerate(present) if not p]
             ptrs, sizes = self._buffers(t)
             res = self.store.put_multi([t.keys[i] for i in todo], [ptrs[i] for i in todo],
@@ -127,21 +165,97 @@ class WorkerSide:
             errors = sum(1 for r in res if r != 0)
         except Exception as exc:  # noqa: BLE001 - a failed save is a future miss, not an error
             logger.warning("save of %d blocks for %s failed: %s", len(t.keys), t.req_id, exc)
-            todo, errors = list(range(len(t.keys))), len(t.keys)
-            present = [False] * len(t.keys)
+            return 0, 0, len(t.keys)
+        return len(todo) - errors, len(t.keys) - len(todo), errors
+
+    def _record_save(self, req_ids: list[str], saved: int, present: int, errors: int,
+                     start: float, layer_saved: int = 0) -> None:
+        assert self.layout is not None
         with self._lock:
-            saved = len(todo) - errors
             elapsed = time.perf_counter() - start
             self._stats.add(saved_blocks=saved, saved_bytes=saved * self.layout.block_bytes,
-                            save_skipped_blocks=len(t.keys) - len(todo), save_errors=errors,
-                            save_time_s=elapsed)
+                            save_skipped_blocks=present, save_errors=errors, save_time_s=elapsed,
+                            layer_saved_blocks=layer_saved)
             self._stats.observe("save_durations_s", elapsed)
             self._stats_dirty = True
-            self._pending_saves[t.req_id] -= 1
+            for req_id in req_ids:
+                self._pending_saves[req_id] -= 1
         logger.debug("PyMooncakeConnector saved %s: %d blocks, %d present, %d errors",
-                     t.req_id, len(t.keys), len(t.keys) - len(todo), errors)
+                     req_ids, saved, present, errors)
+
+    def _save(self, t: BlockTransfer) -> None:
+        start = time.perf_counter()
+        saved, present, errors = self._put_whole(t)
+        self._record_save([t.req_id], saved, present, errors, start)
+
+    def _commit_step(self, step: _StagedStep) -> None:
+        """Publish a layer-wise save; put whole whatever it could not publish."""
+        saved = layer_saved = present = errors = 0
+        try:
+            outcomes = self.store.stage_commit(step.handle)
+            outcome = dict(zip(step.handle.keys, outcomes))
+            saved = layer_saved = sum(1 for o in outcomes if o is StagedOutcome.SAVED)
+            present = sum(1 for o in outcomes if o is StagedOutcome.PRESENT)
+            retry = [(k, b) for k, b in step.blocks if outcome.get(k) is StagedOutcome.FAILED]
+            if retry:
+                logger.debug("layer-wise save of %d blocks incomplete; putting them whole",
+                             len(retry))
+                s, p, errors = self._put_whole(BlockTransfer(
+                    "", [k for k, _ in retry], [b for _, b in retry]), check=False)
+                saved, present = saved + s, present + p
+        except Exception as exc:  # noqa: BLE001 - the requests' blocks must still be released
+            logger.warning("layer-wise save of %d blocks failed: %s", len(step.blocks), exc)
+            errors = len(step.blocks) - saved - present
+        # Duplicate keys of the step (the same prefix twice in one batch) count as present.
+        present += sum(len(t.keys) for t in step.saves) - len(step.blocks)
+        self._record_save([t.req_id for t in step.saves], saved, present, errors, step.started,
+                          layer_saved)
+
+    def begin_step(self, meta: PyMooncakeMetadata) -> None:
+        """``save_mode="layer"``: reserve this step's blocks before the forward pass."""
+        if self.save_mode != "layer" or not meta.saves or self.layout is None:
+            return
+        if self._step is not None:  # a step that never reached wait_for_save
+            self.store.stage_abort(self._step.handle)
+            self._step = None
+        step = _StagedStep(None, meta.saves)
+        try:
+            step.handle = self.store.stage_begin([k for k, _ in step.blocks], self.layout.block_bytes)
+        except StoreError as exc:
+            logger.debug("layer-wise save not started (%s); saving after the forward pass", exc)
+            return
+        self._step = step
+
+    def save_layer(self, layer_name: str) -> None:
+        """Queue this layer's pages of the step's blocks (returns at once)."""
+        step = self._step
+        if step is None or step.broken:
+            return
+        layer = self._layer_index.get(layer_name)
+        if layer is None:
+            return
+        assert self.layout is not None
+        base = self._layer_offsets[layer]
+        pieces = self.layout.layer_pieces
+        try:
+            self.store.stage_write(step.handle, [(key, base, pieces(layer, block))
+                                                 for key, block in step.blocks])
+        except StoreError as exc:  # the commit finds the objects incomplete and puts them whole
+            logger.debug("layer-wise write of %s failed: %s", layer_name, exc)
+            step.broken = True
 
     def submit_saves(self, meta: PyMooncakeMetadata) -> None:
+        step, self._step = self._step, None
+        if step is not None and step.saves is meta.saves:
+            with self._lock:
+                for t in step.saves:
+                    self._pending_saves[t.req_id] += 1
+            fut = self._save_pool.submit(self._commit_step, step)
+            self._save_futures.add(fut)
+            fut.add_done_callback(self._save_futures.discard)
+            return
+        if step is not None:  # not this step's: give its reservation back
+            self.store.stage_abort(step.handle)
         for t in meta.saves:
             with self._lock:
                 self._pending_saves[t.req_id] += 1
@@ -192,6 +306,9 @@ class WorkerSide:
         return out
 
     def shutdown(self) -> None:
+        if self._step is not None:
+            self.store.stage_abort(self._step.handle)
+            self._step = None
         self._save_pool.shutdown(wait=True)
         self._load_pool.shutdown(wait=True)
         self.store.close()
