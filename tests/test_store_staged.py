@@ -174,6 +174,37 @@ def test_writes_after_the_window_are_dropped_and_the_put_revoked(writer, reader)
     assert reader.batch_exists(["staged/late"]) == [False]
 
 
+def test_the_masters_put_timeout_bounds_a_window_set_too_long():
+    """A window longer than the master allows is cut to half the master's stated timeout: a
+    write issued after that is dropped and the put revoked, never published into space the
+    master may already have given to another object."""
+    with master_process("--put-start-timeout", "1") as address:
+        holder = NodeProcess(address)
+        c = new_client(address, global_segment_size=0)
+        try:
+            arr, base = _pages(c, 1, seed=9)
+            sp = StagedPut(c, window_s=30)
+            h = sp.begin(["staged/bounded"], [LAYERS * PAGE])
+            sp.write_many(h, [("staged/bounded", 0, [(base, PAGE)])])
+            time.sleep(0.8)  # past half the master's 1 s, well inside the configured 30 s
+            for layer in range(1, LAYERS):
+                off = arr[layer].ctypes.data - arr.ctypes.data
+                sp.write_many(h, [("staged/bounded", layer * PAGE, [(base + off, PAGE)])])
+            (err,) = sp.commit(h)
+            assert isinstance(err, StoreError) and "window" in str(err)
+            assert c.batch_exists(["staged/bounded"]) == [False]
+            # Within the bound the same staged put publishes.
+            h = sp.begin(["staged/bounded2"], [LAYERS * PAGE])
+            for layer in range(LAYERS):
+                off = arr[layer].ctypes.data - arr.ctypes.data
+                sp.write_many(h, [("staged/bounded2", layer * PAGE, [(base + off, PAGE)])])
+            assert sp.commit(h) == [None]
+            assert c.get("staged/bounded2") == _expected(arr, 0)
+        finally:
+            c.close()
+            holder.stop()
+
+
 def test_checksum_trailer_covers_the_staged_object(master, node, reader):
     c = new_client(master, global_segment_size=0, checksum=True)
     try:

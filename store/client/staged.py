@@ -14,9 +14,11 @@ Rules that keep it safe:
 * ``commit`` publishes an object only if its written pieces cover ``[0, size)`` exactly once;
   anything else (a missing or overlapping piece, a failed write) is revoked and reported.
 * The master reclaims a reservation not ended within its ``put_start_timeout`` and may then
-  place another object there. So a staged put has a *window* (half that timeout unless given):
-  no write is issued after it, and a put whose window passed before all writes completed is
-  revoked, never published. Keep windows short (one forward pass) and the master's timeout long.
+  place another object there. So a staged put has a *window*: ``window_s`` if given (else half
+  the client's configured timeout), never more than half the timeout the master states in its
+  reply to the reservation. No write is issued after it, and a put whose window passed before
+  all writes completed is revoked, never published. Keep windows short (one forward pass) and
+  the master's timeout long.
 * Source memory must stay registered and unchanged until ``commit`` (or ``abort``) returns:
   writes are zero-copy and may still be running, and a checksum trailer is computed at commit.
 
@@ -55,6 +57,8 @@ __all__ = ["EXISTS", "StagedHandle", "StagedPut", "staged_error_is_exists"]
 EXISTS = int(MasterErrorCode.OBJECT_ALREADY_EXISTS)
 _IN_PROGRESS = int(MasterErrorCode.OBJECT_PUT_IN_PROGRESS)
 _MAX_KEYS = 4096
+_LATE = ("not written within the staged put's window (window_s, at most half the master's "
+         "put timeout)")
 
 
 @dataclass(eq=False)
@@ -192,12 +196,18 @@ class StagedPut:
     async def _reserve(self, handle: StagedHandle) -> list[list[ReplicaDesc] | StoreError]:
         core = self.core
         extra = TRAILER_SIZE if core.checksum else 0
+        sent = time.monotonic()
         try:
             items = await core.master.batch_put_start(
                 core.client_id, handle.keys, [s + extra for s in handle.sizes], self.config)
         except Exception as e:  # noqa: BLE001 - every key gets the error
             err = as_store_error(e)
             return [err] * len(handle.keys)
+        master_timeout = core.master.put_timeout_s
+        if master_timeout is not None:
+            # The master's own timeout wins over a window configured too long: half of it,
+            # counted from before the request left (the master started its clock later).
+            handle.deadline = min(handle.deadline, sent + master_timeout / 2)
         out: list[list[ReplicaDesc] | StoreError] = []
         for key, item in zip(handle.keys, items):
             out.append(StoreError(item.code, f"put of {key!r} refused") if item.code
@@ -261,7 +271,7 @@ class StagedPut:
         for i in started:
             why = handle.failed.get(i)
             if why is None and handle.late:
-                why = f"not written within the {self.window_s:.1f}s window"
+                why = _LATE
             if why is None:
                 why = _coverage_error(handle.pieces[i], handle.sizes[i])
             if why is not None:
@@ -297,7 +307,7 @@ class StagedPut:
             if time.monotonic() > handle.deadline:
                 handle.late = True
                 for i in good:
-                    handle.failed.setdefault(i, f"not written within the {self.window_s:.1f}s window")
+                    handle.failed.setdefault(i, _LATE)
 
     async def _abort(self, handle: StagedHandle) -> None:
         reserved = await self._settle(handle)

@@ -96,6 +96,8 @@ class MasterClient:
         self._identity = identity  # a tenant id, with secret being the tenant's
         self._tls = tls
         self._connect_timeout = connect_timeout
+        self.put_timeout_s: float | None = None
+        """The master's reservation timeout, as its last ``batch_put_start`` reply said."""
         self._rpc: RpcClient | None = None
 
     async def _client(self) -> RpcClient:
@@ -182,7 +184,10 @@ class MasterClient:
     async def batch_put_start(self, client_id: str, keys: list[str], sizes: list[int],
                               config: ReplicateConfig = _DEFAULT_CONFIG) -> list[PutStartItem]:
         req = BatchPutStartRequest(client_id=client_id, keys=keys, sizes=sizes, config=config)
-        return (await self.call("batch_put_start", req, BatchPutStartReply)).items
+        reply = await self.call("batch_put_start", req, BatchPutStartReply)
+        if reply.put_timeout_ms > 0:
+            self.put_timeout_s = reply.put_timeout_ms / 1000.0
+        return reply.items
 
     async def batch_put_end(self, client_id: str, keys: list[str]) -> list[int]:
         return (await self.call("batch_put_end", OwnedKeysRequest(client_id, keys),

@@ -239,6 +239,9 @@ class BatchPutStartRequest(msgspec.Struct, kw_only=True):
 
 class BatchPutStartReply(msgspec.Struct):
     items: list[PutStartItem]
+    put_timeout_ms: int = 0
+    """The master reclaims a reservation not ended within this long (0: not said, an older
+    master). Writers that fill a reservation over time (staged puts) stop well before it."""
 
 
 class DemoteTask(msgspec.Struct, array_like=True):

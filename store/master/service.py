@@ -210,7 +210,7 @@ class MasterService:
                 items.append(PutStartItem(_OK, store.put_start(client, key, size, config, now)))
             except MasterError as e:
                 items.append(PutStartItem(int(e.code), []))
-        return BatchPutStartReply(items)
+        return BatchPutStartReply(items, int(self.clients.put_timeout * 1000))
 
     def batch_put_end(self, req: OwnedKeysRequest) -> CodesReply:
         return CodesReply(_each(self.store.put_end, req.client_id, req.keys))

@@ -268,15 +268,17 @@ class Tenancy:
             admitted.append(i)
             planned += max(0, need)
         items: list[PutStartItem] = [PutStartItem(_QUOTA, []) for _ in req.keys]
+        put_timeout_ms = 0
         if admitted:
             keys = [_scope(p, req.keys[i]) for i in admitted]
             reply: BatchPutStartReply = handler(msgspec.structs.replace(
                 req, keys=keys, sizes=[req.sizes[i] for i in admitted]))
+            put_timeout_ms = reply.put_timeout_ms
             for i, key, item in zip(admitted, keys, reply.items):
                 items[i] = item
                 if item.code == 0:
                     self._charge(usage, key, req.sizes[i] * len(item.replicas))
-        return BatchPutStartReply(items)
+        return BatchPutStartReply(items, put_timeout_ms)
 
     def _remove_all(self, usage: _Usage, req: RemoveAllRequest) -> RemoveAllReply:
         store = self.store
