@@ -5,7 +5,8 @@ records and progress entries, config files, the HTTP metadata server (open and w
 the TCP data port (open and authenticated), the proxy's HTTP front door (without and with the
 model's tokenizer), the master's RPC requests, and the RPC clients against a hostile server.
 
-    python benchmarks/fuzz_all.py --cases 100000 [--jobs 2] [--seed N] [--json] [--only NAME ...]
+    python benchmarks/fuzz_all.py --cases 100000 [--jobs 2] [--lanes N] [--seed N] [--json]
+                                  [--seconds S] [--only NAME ...]
 
 Why a separate runner: CI runs a few hundred cases per target (``tests/test_fuzz_*.py``); the
 issue asks for 100k per target, which takes minutes per live server. Unlike the tests this keeps
@@ -14,19 +15,26 @@ going after a violation and counts it, so one run reports every target's figures
 :class:`FuzzHang` (a call past the bound); peak memory is the RSS of the process holding the
 decoder (the server process for live targets, this process for pure decoders). Targets run in
 ``--jobs`` worker processes at once; the hypothesis seed is random unless ``--seed`` is given
-(CI derandomizes), and is reported so a run can be replayed.
+(CI derandomizes), and is reported so a run can be replayed. Within a target, live servers
+check several cases at once (``--lanes``, each case on its own connection) because their
+cases mostly wait: for a server to answer a request it cannot complete, or for a client to
+time out on a stalled peer. ``--lanes 1`` replays a seed one case at a time.
 """
 from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import contextlib
+import ctypes
 import json
 import logging
 import multiprocessing
 import os
 import random
 import sys
+import threading
 import time
+from collections.abc import Iterator
 from typing import Any
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
@@ -71,64 +79,133 @@ BATCH = 500
 """Examples per hypothesis run inside one target (see ``run_target``)."""
 
 
-def run_named(name: str, cases: int, seconds: float | None, run_seed: int) -> dict[str, Any]:
+@contextlib.contextmanager
+def steady_recursion_limit(extra: int = 2000) -> Iterator[None]:
+    """Hold one recursion limit for a whole run, whatever hypothesis asks for.
+
+    Why: hypothesis sets the (process-wide) limit around every example and restores the
+    original after each batch. A check running in another thread (a lane, the in-process proxy)
+    may then be decoding deep JSON right at the higher limit; pulled 1000 frames under it, the
+    thread dies with "Fatal Python error: Cannot recover from stack overflow" (seen in a proxy
+    run). The limit held is the one hypothesis gives a serial run's checks (about +2000).
+    """
+    real = sys.setrecursionlimit
+    old = sys.getrecursionlimit()
+    real(old + extra)
+    sys.setrecursionlimit = lambda limit: None  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        sys.setrecursionlimit = real
+        real(old)
+
+
+def one_malloc_arena() -> None:
+    """Make every thread of this process allocate from one glibc arena.
+
+    Why: glibc gives threads that contend for malloc arenas of their own (up to 8 per core)
+    and seldom returns their memory, so with 16-32 lanes the RSS of an in-process target (the
+    proxy, the RPC clients) grows with the lanes rather than with what the decoder keeps: three
+    rounds of 2,000 RPC-reply cases ended at 84/144/166 MiB with the default and 80/92/92 MiB
+    with one arena. The GIL already serialises most of the threads' work, so sharing one arena
+    costs little.
+    """
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").mallopt(-8, 1)  # M_ARENA_MAX
+
+
+def run_named(name: str, cases: int, seconds: float | None, run_seed: int,
+              lanes: int | None = None) -> dict[str, Any]:
     """One target, in a worker process (only names cross the process boundary)."""
+    one_malloc_arena()
     # aiohttp logs every refused request with a traceback: millions of lines, no information
     # the counters do not have (a 5xx or a hang is counted and its case kept).
     logging.getLogger("aiohttp").setLevel(logging.CRITICAL)
     logging.getLogger("scheduler").setLevel(logging.ERROR)
     factory, strategy_of = targets()[name]
-    return run_target(name, factory, strategy_of, cases, seconds, run_seed)
+    return run_target(name, factory, strategy_of, cases, seconds, run_seed, lanes)
 
 
 def run_target(name: str, factory: Any, strategy_of: Any, cases: int,
-               seconds: float | None, run_seed: int = 0) -> dict[str, Any]:
+               seconds: float | None, run_seed: int = 0,
+               lanes: int | None = None) -> dict[str, Any]:
+    """Generate ``cases`` examples and check each against the harness, counting violations.
+
+    Cases are generated in this thread and checked by ``lanes`` worker threads (the harness's
+    own number unless given; 1 checks each case before the next is drawn). Hypothesis never
+    sees a failure here (each is counted, not raised), so generation does not depend on
+    results: a (seed, batch) piece yields the same cases whatever the lanes.
+    """
     stats: dict[str, Any] = {"target": name, "cases": 0, "crashes": 0, "hangs": 0,
                              "seed": run_seed, "examples": []}
-    with factory() as h:
+    lock = threading.Lock()
+    with steady_recursion_limit(), factory() as h:
         h.healthy()
         rss0 = peak = h.rss()
         t0 = time.monotonic()
-
+        n_lanes = max(1, lanes if lanes is not None else getattr(h, "lanes", 1))
+        stats["lanes"] = n_lanes
+        pool = concurrent.futures.ThreadPoolExecutor(n_lanes, thread_name_prefix="fuzz-lane")
+        # Cases drawn but not yet checked: a small queue per lane, so generation runs ahead
+        # of the lanes without holding thousands of cases.
+        slots = threading.BoundedSemaphore(2 * n_lanes)
         strategy = strategy_of(h)
+        submitted = 0
 
         def check(case: Any) -> None:
-            nonlocal peak
-            stats["cases"] += 1
+            outcome: str | None = None
+            text = ""
             try:
                 h.check(case)
             except _fuzz.FuzzHang as e:
-                stats["hangs"] += 1
-                if len(stats["examples"]) < 5:
-                    stats["examples"].append(str(e)[:300])
+                outcome, text = "hangs", str(e)[:300]
             except Exception as e:  # count every violation, keep going
-                stats["crashes"] += 1
-                if len(stats["examples"]) < 5:
-                    stats["examples"].append(f"{type(e).__name__}: {str(e)[:300]}")
-            if stats["cases"] % 200 == 0:
+                outcome, text = "crashes", f"{type(e).__name__}: {str(e)[:300]}"
+            finally:
+                slots.release()
+            with lock:
+                stats["cases"] += 1
+                if outcome is not None:
+                    stats[outcome] += 1
+                    if len(stats["examples"]) < 5:
+                        stats["examples"].append(text)
+
+        def submit(case: Any) -> None:
+            nonlocal submitted, peak
+            slots.acquire()
+            if n_lanes == 1:
+                check(case)
+            else:
+                pool.submit(check, case)
+            submitted += 1
+            if submitted % 200 == 0:
                 peak = max(peak, h.rss())
 
         # Batches of examples, each with its own seed: the time cap then stops generation too
         # (one @given of 100k examples keeps generating after the cap), and a long run is a
         # sequence of replayable (seed, batch) pieces.
         batch = 0
-        while stats["cases"] < cases:
-            if seconds is not None and time.monotonic() - t0 > seconds:
-                break
+        try:
+            while submitted < cases:
+                if seconds is not None and time.monotonic() - t0 > seconds:
+                    break
 
-            @seed(run_seed + batch)
-            @settings(max_examples=min(BATCH, cases - stats["cases"]), deadline=None,
-                      database=None, derandomize=False, suppress_health_check=list(HealthCheck))
-            @given(case=strategy)
-            def attack(case: Any) -> None:
-                if seconds is None or time.monotonic() - t0 <= seconds:
-                    check(case)
+                @seed(run_seed + batch)
+                @settings(max_examples=min(BATCH, cases - submitted), deadline=None,
+                          database=None, derandomize=False,
+                          suppress_health_check=list(HealthCheck))
+                @given(case=strategy)
+                def attack(case: Any) -> None:
+                    if seconds is None or time.monotonic() - t0 <= seconds:
+                        submit(case)
 
-            before = stats["cases"]
-            attack()
-            batch += 1
-            if stats["cases"] == before:
-                break
+                before = submitted
+                attack()
+                batch += 1
+                if submitted == before:
+                    break
+        finally:
+            pool.shutdown(wait=True)
         elapsed = time.monotonic() - t0
         try:
             h.healthy()
@@ -151,6 +228,9 @@ def main() -> None:
     p.add_argument("--json", action="store_true", help="print one JSON document")
     p.add_argument("--jobs", type=int, default=1, help="targets run at once (processes)")
     p.add_argument("--seed", type=int, default=None, help="hypothesis seed (default: random)")
+    p.add_argument("--lanes", type=int, default=None,
+                   help="cases checked at once per target (default: the target's own; 1 = "
+                        "one at a time, as in CI)")
     args = p.parse_args()
     run_seed = args.seed if args.seed is not None else random.getrandbits(32)
     names = [n for n in targets() if not args.only or n in args.only]
@@ -163,17 +243,18 @@ def main() -> None:
             print(f"{r['target']:22s} cases={r['cases']:>7} crashes={r['crashes']} "
                   f"hangs={r['hangs']} serves_after={r['serves_after']} rss "
                   f"{r['rss_start_mb']}->{r['rss_peak_mb']} MiB  {r['seconds']}s "
-                  f"({r['cases_per_s']}/s) seed={r['seed']}", flush=True)
+                  f"({r['cases_per_s']}/s, {r['lanes']} lanes) seed={r['seed']}", flush=True)
             for ex in r["examples"]:
                 print(f"    {ex}")
 
     if args.jobs <= 1:
         for name in names:
-            report(run_named(name, args.cases, args.seconds, run_seed))
+            report(run_named(name, args.cases, args.seconds, run_seed, args.lanes))
     else:
         ctx = multiprocessing.get_context("spawn")
         with concurrent.futures.ProcessPoolExecutor(args.jobs, mp_context=ctx) as pool:
-            futures = [pool.submit(run_named, n, args.cases, args.seconds, run_seed)
+            futures = [pool.submit(run_named, n, args.cases, args.seconds, run_seed,
+                                   args.lanes)
                        for n in names]
             for fut in concurrent.futures.as_completed(futures):
                 report(fut.result())

@@ -42,6 +42,14 @@ class FuzzHang(FuzzViolation):
 class Harness:
     """What a target runs against; the pure decoders need no server."""
 
+    lanes: int = 1
+    """How many cases ``check`` may run at once (each on its own connection) in a bulk run.
+
+    Why: a live target spends most of a case waiting by design (a server given time to answer
+    a request it cannot complete, a client timing out on a stalled peer), not working; cases in
+    lanes overlap those waits and check exactly the same things. ``check`` must then be
+    thread-safe. The CI tests run one case at a time."""
+
     def check(self, case: Any) -> None:
         raise NotImplementedError
 
@@ -198,7 +206,10 @@ def _config_shape() -> st.SearchStrategy[Any]:
 def _config_harness() -> Iterator[Harness]:
     from transfer.config import ConfigError, load_config
 
-    tmp = tempfile.mkdtemp(prefix="fuzz-config-")
+    # tmpfs when there is one: a case is one file written and read, and a disk's open/truncate
+    # cost more than the decoding on a busy machine.
+    tmp = tempfile.mkdtemp(prefix="fuzz-config-",
+                           dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
 
     def run(data: tuple[str, bytes]) -> None:
         suffix, raw = data
@@ -313,17 +324,24 @@ metadata_cases = _metadata_cases()
 
 
 class _MetadataHarness(Harness):
-    def __init__(self, port: int, proc: subprocess.Popen[bytes], token: str | None) -> None:
+    # A request the server cannot complete costs a case the whole ``patience`` of
+    # _http_request; lanes overlap those waits.
+    lanes = 16
+
+    def __init__(self, port: int, proc: subprocess.Popen[bytes], token: str | None,
+                 log: str) -> None:
         self.port = port
         self.proc = proc
         self.token = token
+        self.log = log
 
     def check(self, case: bytes) -> None:
         status = _bounded(lambda: _http_request(self.port, case))
         if status is not None and status >= 500:
             raise FuzzViolation(f"HTTP {status} for {case[:300]!r}")
         if self.proc.poll() is not None:
-            raise FuzzViolation(f"metadata server exited with {self.proc.returncode}")
+            raise FuzzViolation(f"metadata server exited with {self.proc.returncode}: "
+                                f"{_tail(self.log)}")
 
     def healthy(self) -> None:
         auth = [(b"Authorization", b"Bearer " + self.token.encode())] if self.token else []
@@ -348,17 +366,27 @@ def metadata_server(token: str | None = None) -> Iterator[_MetadataHarness]:
     env.pop("MOONCAKE_METADATA_TOKEN", None)
     args = [sys.executable, "-m", "transfer.metadata", "--port", str(port),
             "--log-level", "ERROR"]
-    with tempfile.NamedTemporaryFile("w", suffix=".token") as tf:
+    # aiohttp logs every refused request with a traceback (a bulk run: ~1 KB a case), so the
+    # server's stderr goes to a file, shown (its tail) only if the server dies.
+    with tempfile.NamedTemporaryFile("w", suffix=".token") as tf, \
+            tempfile.NamedTemporaryFile("wb", suffix=".log", prefix="fuzz-metadata-") as log:
         if token:
             tf.write(token)
             tf.flush()
             args += ["--secret-file", tf.name]
-        proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL)
+        proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=log)
         try:
             wait_for_port("127.0.0.1", port, timeout=20)
-            yield _MetadataHarness(port, proc, token)
+            yield _MetadataHarness(port, proc, token, log.name)
         finally:
             stop_process(proc, timeout=5)
+
+
+def _tail(path: str, n: int = 2000) -> str:
+    """The last ``n`` bytes of a (possibly very long) log."""
+    with open(path, "rb") as f:
+        f.seek(max(0, os.path.getsize(path) - n))
+        return f.read().decode(errors="replace")
 
 
 # -- the TCP data plane ------------------------------------------------------------------------

@@ -33,3 +33,29 @@ def test_p2p_record_decoders_raise_only_record_error(case):
 def test_config_files_raise_only_config_error(case):
     with _config_harness() as h:
         h.check(case)
+
+
+@pytest.mark.parametrize("raw", [b"[" * 5000, b"a: " + b"{" * 3000, b"[\n" * 5000])
+def test_deep_yaml_flow_nesting_is_refused_where_it_starts(tmp_path, raw):
+    """Found by the long config run: PyYAML's scanner rescans every open ``[`` for each token,
+    so a 5 KB line of them cost over a second before a RecursionError refused it. The loader now
+    stops at the 65th open flow collection, and says where."""
+    from transfer.config import ConfigError, load_config
+    from transfer.config.loader import MAX_YAML_FLOW_DEPTH
+
+    path = tmp_path / "deep.yaml"
+    path.write_bytes(raw)
+    with pytest.raises(ConfigError, match=f"nested deeper than {MAX_YAML_FLOW_DEPTH} levels"):
+        load_config(path, env={})
+
+
+def test_yaml_flow_nesting_up_to_the_limit_still_loads(tmp_path):
+    from transfer.config.loader import MAX_YAML_FLOW_DEPTH, read_config_file
+
+    depth = MAX_YAML_FLOW_DEPTH
+    path = tmp_path / "ok.yaml"
+    path.write_text("a: " + "[" * depth + "]" * depth)
+    value = read_config_file(path)["a"]
+    for _ in range(depth - 1):
+        value = value[0]
+    assert value == []

@@ -53,6 +53,20 @@ def test_proxy_refuses_odd_expect_and_encoding_with_json(proxy, header):
     assert json.loads(answer.body)["error"]["code"] == answer.status
 
 
+@pytest.mark.parametrize("body, length, statuses", [
+    (b'{"model":"mini","prompt":"hi","max_tokens":2}', None, {200}),
+    (b'{"model":"mini","prompt":5}', None, {400}),
+    (b'{"model":"mini","p', 32, {0, 400}),  # short of its Content-Length: our EOF ends it
+])
+def test_expect_100_continue_is_judged_by_the_final_answer(proxy, body, length, statuses):
+    """Found by the 100k-case run: the harness took ``100 Continue`` for the answer, so it never
+    sent EOF for a short body (a 5 s "hang") and judged complete requests by status 100."""
+    headers = [(b"Content-Type", b"application/json"), (b"Expect", b"100-continue"),
+               (b"Content-Length", str(length or len(body)).encode())]
+    assert http_exchange(proxy.port, _post("/v1/completions", body, headers=headers)).status \
+        in statuses
+
+
 def test_gzip_body_is_forwarded_decoded(proxy):
     """A compressed request body is decoded once: the engine must not see Content-Encoding."""
     body = gzip.compress(json.dumps({"model": "mini", "prompt": "zip", "max_tokens": 2}).encode())
@@ -67,6 +81,11 @@ def test_gzip_body_is_forwarded_decoded(proxy):
     ("/v1/completions", {"prompt": [-1]}, "token ids"),
     ("/v1/completions", {"prompt": "x", "stream": "yes"}, "'stream'"),
     ("/v1/completions", {"prompt": "x", "cache_salt": 7}, "'cache_salt'"),
+    # Found by the 100k-case run: a null max_tokens let this reach the Conductor (a 500).
+    ("/v1/completions", {"prompt": "x", "max_tokens": None, "max_completion_tokens": -4},
+     "'max_completion_tokens'"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}],
+                              "max_completion_tokens": 0}, "'max_completion_tokens'"),
     ("/v1/chat/completions", {"messages": [{"role": 3, "content": "x"}]}, "'role'"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": 5}]}, "'content'"),
     ("/v1/chat/completions", {"messages": [{"role": "user",
@@ -101,6 +120,46 @@ async def test_connect_with_non_utf8_expect_gets_json_errors() -> None:
             writer.close()
             assert answer.startswith(b"HTTP/1.1 " + status), answer[:80]
             assert b"application/json" in answer
+    finally:
+        await proxy.stop()
+        await engine.stop()
+
+
+async def test_a_request_id_already_in_flight_gets_409() -> None:
+    """Found by the 100k-case run in lanes (a serial run never has two requests in flight): a
+    request carrying the X-Request-Id of one still in flight got a 500, the Conductor's
+    "already in flight" error escaping the handler. It is now a JSON 409."""
+    import asyncio
+
+    import aiohttp
+
+    from scheduler.proxy import Proxy, ProxySettings
+    from scheduler.proxy.instances import InstanceSpec
+    from scheduler.testing import MiniEngine
+
+    engine = await MiniEngine().start()
+    proxy = Proxy([InstanceSpec(engine.url, "mixed")], settings=ProxySettings(port=0))
+    await proxy.start()
+    url = proxy.url + "/v1/completions"
+    same = {"X-Request-Id": "fuzz-same-id"}
+    quick = {"model": "mini", "prompt": "y", "max_tokens": 1}
+    slow = {"model": "mini", "prompt": "x", "max_tokens": 4, "stream": True,
+            "mini_token_interval": 0.5}
+    try:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=20)) as session:
+            for _ in range(100):  # until the proxy has seen its engine healthy
+                async with session.post(url, json=quick) as r:
+                    if r.status == 200:
+                        break
+                await asyncio.sleep(0.1)
+            async with session.post(url, json=slow, headers=same) as first:
+                assert first.status == 200
+                async with session.post(url, json=quick, headers=same) as second:
+                    assert second.status == 409
+                    assert "already in flight" in (await second.json())["error"]["message"]
+                await first.read()
+            async with session.post(url, json=quick, headers=same) as third:
+                assert third.status == 200  # the id is free again once the first is done
     finally:
         await proxy.stop()
         await engine.stop()

@@ -37,6 +37,18 @@ def test_metadata_server_survives_hostile_http(metadata):
     assert metadata.rss() - before < RSS_BOUND
 
 
+@pytest.mark.parametrize("prefix", [b"%00", b"a%1Fb", b"%7F", b"x" * 4096])
+def test_metadata_server_refuses_a_bad_prefix_with_400(metadata, prefix):
+    """Found by the 100k-case run: a listing prefix with a control character got a 500 (the
+    prefix check's ValueError escaped the handler; the key check's did not)."""
+    from _fuzz import _build_http, _http_request
+
+    auth = [(b"Authorization", b"Bearer " + metadata.token.encode())] if metadata.token else []
+    raw = _build_http(b"GET", b"/metadata?prefix=" + prefix, auth, b"")
+    assert _http_request(metadata.port, raw, patience=5.0) == 400
+    metadata.healthy()
+
+
 @pytest.fixture(scope="module", params=[None, b"fuzz-secret"], ids=["open", "auth"])
 def engine(request):
     with tcp_engine(request.param) as h:

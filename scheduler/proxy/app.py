@@ -359,9 +359,12 @@ class Proxy:
         models = self.pool.models()
         if models and model not in models:
             raise LookupError(f"model {model!r} is not served here; available: {models}")
-        max_tokens = body.get("max_tokens", body.get("max_completion_tokens"))
-        if max_tokens is not None and (type(max_tokens) is not int or max_tokens < 1):
-            raise BadRequest("'max_tokens' must be a positive integer")
+        # Both spellings: routing reads whichever is set (a null max_tokens used to let a
+        # negative max_completion_tokens through to the Conductor, a 500).
+        for name in ("max_tokens", "max_completion_tokens"):
+            value = body.get(name)
+            if value is not None and (type(value) is not int or value < 1):
+                raise BadRequest(f"'{name}' must be a positive integer")
         return body, raw
 
     async def _serve(self, request: web.Request, path: str, chat: bool) -> web.StreamResponse:
@@ -415,8 +418,12 @@ class Proxy:
         t0 = time.perf_counter()
         if not self.pool.healthy("prefill", "mixed") or (self.pd and not self.pool.healthy("decode")):
             return _error(503, "no healthy instance to serve this request", "unavailable")
-        decision = self.conductor.decide(RequestInfo(request_id, keys, prompt.token_count,
-                                                     max_tokens if isinstance(max_tokens, int) else None))
+        try:
+            decision = self.conductor.decide(RequestInfo(
+                request_id, keys, prompt.token_count,
+                max_tokens if isinstance(max_tokens, int) else None))
+        except ConductorError as exc:  # e.g. the client's X-Request-Id is already in flight
+            return _error(409, str(exc), "conflict")
         self._decide_observe(time.perf_counter() - t0)
         if not decision.accepted:
             self.metrics.rejected.labels(reason=decision.reason.split(":")[0][:40]).inc()

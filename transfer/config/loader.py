@@ -72,9 +72,23 @@ IGNORED_MOONCAKE_KEYS: Mapping[str, str] = {
 Layer = dict[str, tuple[Any, str]]
 
 
+# Flow collections ("[", "{") open at once; real configs nest two or three deep.
+MAX_YAML_FLOW_DEPTH = 64
+
+
 class _StrictYamlLoader(yaml.SafeLoader):
     """``yaml.SafeLoader`` (never arbitrary objects) that also rejects duplicate keys, which
-    plain YAML silently resolves to the last one."""
+    plain YAML silently resolves to the last one, and flow collections nested deeper than
+    :data:`MAX_YAML_FLOW_DEPTH`: PyYAML's scanner keeps a possible simple key per open ``[``
+    and rescans them all for every token, so a 5 KB line of ``[`` took it over a second before
+    the composer's RecursionError refused it (found by the config fuzz target)."""
+
+    def fetch_flow_collection_start(self, TokenClass: type[yaml.Token]) -> None:
+        if self.flow_level >= MAX_YAML_FLOW_DEPTH:
+            raise yaml.scanner.ScannerError(
+                None, None, f"nested deeper than {MAX_YAML_FLOW_DEPTH} levels", self.get_mark()
+            )
+        super().fetch_flow_collection_start(TokenClass)
 
 
 def _construct_mapping(loader: _StrictYamlLoader, node: yaml.MappingNode) -> dict[Any, Any]:

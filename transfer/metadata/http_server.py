@@ -208,8 +208,7 @@ class HttpMetadataServer:
                 if "prefix" in params:
                     if "key" in params:
                         raise _BadRequest("give either key or prefix, not both")
-                    prefix = validate_prefix(params["prefix"], max_bytes=self.max_key_size)
-                    return self._list(prefix)
+                    return self._list(self._prefix(params["prefix"]))
                 return self._get(self._key(params))
             key = self._key(params)
             if request.method == "PUT":
@@ -239,6 +238,12 @@ class HttpMetadataServer:
         try:
             return validate_key(params["key"], max_bytes=self.max_key_size)
         except ValueError as e:
+            raise _BadRequest(str(e)) from None
+
+    def _prefix(self, raw: str) -> str:
+        try:
+            return validate_prefix(raw, max_bytes=self.max_key_size)
+        except ValueError as e:  # a control character or an oversized prefix is the client's
             raise _BadRequest(str(e)) from None
 
     @staticmethod
