@@ -211,12 +211,16 @@ class AsyncStoreClient:
         wake-up per put would cost the caller's thread the GIL on a 2-core box."""
         records = self.direct_puts
         while records:
-            key, replicas = records.popleft()
-            for segment, address, size in replicas:
-                if segment in self._local_segments:
-                    self.holdings[segment].add_object(key, address, size)
-                elif self._announcer is not None:
-                    self._announcer.add(segment, key, address, size)
+            self._record_put(*records.popleft())
+
+    def _record_put(self, key: str, replicas: Sequence[tuple[str, int, int]]) -> None:
+        """After a put was published: our own segments' holdings learn the object, other
+        holders are told they now hold it (``(segment, address, size)`` per replica)."""
+        for segment, address, size in replicas:
+            if segment in self._local_segments:
+                self.holdings[segment].add_object(key, address, size)
+            elif self._announcer is not None:
+                self._announcer.add(segment, key, address, size)
 
     def _drain_announcements(self) -> None:
         """Apply writers' announcements to our holdings. Only a client that holds a segment
@@ -339,10 +343,8 @@ class AsyncStoreClient:
             await self._finish_puts(keys, good, bad, failed, results)
         assert self._announcer is not None
         for i, r in writes:
-            if results[i] is None and r.segment not in self._local_segments:
-                self._announcer.add(r.segment, keys[i], r.address, r.size)
-            elif results[i] is None:
-                self.holdings[r.segment].add_object(keys[i], r.address, r.size)
+            if results[i] is None:
+                self._record_put(keys[i], [(r.segment, r.address, r.size)])
         return results
 
     async def put_bytes(self, keys: Sequence[str], values: Sequence[Sequence[Any]],

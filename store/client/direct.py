@@ -19,7 +19,6 @@ memory is a per-thread registered buffer.
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Final, TypeVar
@@ -43,6 +42,7 @@ from .core import AsyncStoreClient, _check_key
 from .errors import TRANSFER_FAIL, MasterErrorCode, StoreError, as_store_error
 from .integrity import TRAILER_SIZE, check_trailer, make_trailer
 from .locations import order_replicas
+from .transfers import plan
 
 __all__ = ["FALLBACK", "CallerThreadPath"]
 
@@ -354,16 +354,9 @@ class CallerThreadPath:
         item = reply.items[0]
         if item.code:
             raise StoreError(item.code, f"put of {key!r} refused")
-        reqs: list[TransferRequest] = []
-        for rep in item.replicas:
-            offset = 0
-            for addr, n in pieces:
-                if rep.segment in core._local_segments:  # mounted meanwhile: copy directly
-                    ctypes.memmove(rep.address + offset, addr, n)
-                else:
-                    reqs.append(TransferRequest(Opcode.WRITE, addr, rep.segment,
-                                                rep.address + offset, n))
-                offset += n
+        # A replica in a segment mounted here meanwhile is copied directly.
+        reqs, _ = plan(Opcode.WRITE, [(0, rep, 0, pieces) for rep in item.replicas],
+                       core._local_segments)
         keys = OwnedKeysRequest(core.client_id, [key])
         try:
             if reqs:

@@ -29,7 +29,6 @@ same master client, transfer batches, failure splitting and bookkeeping as ordin
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import threading
 import time
 from collections.abc import Sequence
@@ -38,15 +37,13 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from store.master import ReplicaDesc, ReplicateConfig
-from transfer.batch import TransferRequest
 from transfer.errors import RegistrationError
 from transfer.memory import address_of, memory_at
-from transfer.transports.base import Opcode
 
 from .core import _check_key
 from .errors import MasterErrorCode, StoreError, as_store_error
 from .integrity import TRAILER_SIZE, make_trailer
-from .transfers import Piece, _run
+from .transfers import Piece, write_at
 
 if TYPE_CHECKING:
     from .core import AsyncStoreClient
@@ -122,7 +119,7 @@ class StagedPut:
                 raise StoreError(MasterErrorCode.INVALID_PARAMS,
                                  f"object {key!r} has size {size}; it must be positive")
             index[key] = i
-        self._check_open()
+        self.core._check_open()
         handle = StagedHandle(keys, sizes, time.monotonic() + self.window_s, index,
                               pieces=[[] for _ in keys])
         handle.reservation = asyncio.run_coroutine_threadsafe(self._reserve(handle), self.loop)
@@ -222,26 +219,11 @@ class StagedPut:
         if time.monotonic() > deadline:
             handle.late = True
             return
-        local = self.core._local_segments
-        requests: list[TransferRequest] = []
-        owners: list[int] = []
-        for i, offset, parts in planned:
-            reps = reserved[i]
-            if isinstance(reps, StoreError):
-                continue  # refused at begin: commit reports it
-            for rep in reps:
-                pos = rep.address + offset
-                for addr, n in parts:
-                    if rep.segment in local:
-                        ctypes.memmove(pos, addr, n)
-                    else:
-                        requests.append(TransferRequest(Opcode.WRITE, addr, rep.segment, pos, n))
-                        owners.append(i)
-                    pos += n
-        if requests:
-            failed: dict[int, str] = {}
-            await _run(self.core, requests, owners, failed)
-            handle.failed.update(failed)
+        items = [(i, rep, offset, parts) for i, offset, parts in planned
+                 if not isinstance(reserved[i], StoreError)  # refused at begin: commit says so
+                 for rep in reserved[i]]
+        if items:
+            handle.failed.update(await write_at(self.core, items))
         if time.monotonic() > deadline:
             handle.late = True  # bytes may have landed after the reservation could be reclaimed
 
@@ -284,12 +266,10 @@ class StagedPut:
         bad = [i for i in started if i not in good]
         await core._finish_puts(handle.keys, good, bad, handle.failed, results)
         for i in good:
+            reps = reserved[i]
+            assert not isinstance(reps, StoreError)
             if results[i] is None:
-                reps = reserved[i]
-                assert not isinstance(reps, StoreError)
-                core.direct_puts.append(
-                    (handle.keys[i], [(r.segment, r.address, r.size) for r in reps]))
-        core._record_direct_puts()
+                core._record_put(handle.keys[i], [(r.segment, r.address, r.size) for r in reps])
         return results
 
     async def _write_trailers(self, handle: StagedHandle, reserved: list[Any], good: list[int]) -> None:
@@ -325,9 +305,6 @@ class StagedPut:
             if handle.closed:
                 raise StoreError(MasterErrorCode.INVALID_PARAMS, "staged put already committed or aborted")
             handle.closed = True
-
-    def _check_open(self) -> None:
-        self.core._check_open()
 
 
 def _coverage_error(pieces: list[tuple[int, Piece]], size: int) -> str | None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import ctypes
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from typing import TYPE_CHECKING
 
 from store.master import ReplicaDesc
@@ -22,7 +22,7 @@ from transfer.transports.base import Opcode
 if TYPE_CHECKING:
     from .core import AsyncStoreClient
 
-__all__ = ["Piece", "move"]
+__all__ = ["Piece", "move", "plan", "write_at"]
 
 Piece = tuple[int, int]
 """``(address, length)`` of registered local memory."""
@@ -33,29 +33,52 @@ async def move(client: AsyncStoreClient, op: str, items: Sequence[Item]) -> dict
     """Write (``op="write"``) or read each item's pieces to/from its replica, in order from the
     replica's start. Returns ``{object index: why}`` for the objects whose transfer failed."""
     failed: dict[int, str] = {}
-    requests: list[TransferRequest] = []
-    owners: list[int] = []
-    opcode = Opcode.WRITE if op == "write" else Opcode.READ
-    local = client._local_segments
+    placed: list[tuple[int, ReplicaDesc, int, Sequence[Piece]]] = []
     for idx, rep, parts in items:
         total = sum(n for _, n in parts)
         if total > rep.size or (op == "write" and total != rep.size):
             failed[idx] = f"{total} bytes do not match a replica of {rep.size} bytes"
             continue
-        offset = 0
-        for addr, n in parts:
-            if rep.segment in local:
-                if op == "write":
-                    ctypes.memmove(rep.address + offset, addr, n)
-                else:
-                    ctypes.memmove(addr, rep.address + offset, n)
-            else:
-                requests.append(TransferRequest(opcode, addr, rep.segment, rep.address + offset, n))
-                owners.append(idx)
-            offset += n
+        placed.append((idx, rep, 0, parts))
+    opcode = Opcode.WRITE if op == "write" else Opcode.READ
+    requests, owners = plan(opcode, placed, client._local_segments)
     if requests:
         await _run(client, requests, owners, failed)
     return failed
+
+
+async def write_at(client: AsyncStoreClient,
+                   items: Sequence[tuple[int, ReplicaDesc, int, Sequence[Piece]]]) -> dict[int, str]:
+    """Write each item's pieces into its replica from ``offset`` bytes in (one piece of an
+    object written over time; the caller checked that they fit). Returns ``{index: why}``
+    for the objects whose transfer failed."""
+    failed: dict[int, str] = {}
+    requests, owners = plan(Opcode.WRITE, items, client._local_segments)
+    if requests:
+        await _run(client, requests, owners, failed)
+    return failed
+
+
+def plan(opcode: Opcode, items: Sequence[tuple[int, ReplicaDesc, int, Sequence[Piece]]],
+         local: Collection[str]) -> tuple[list[TransferRequest], list[int]]:
+    """Transfer requests for ``(index, replica, offset, pieces)`` items: pieces go in order
+    from ``offset`` bytes into the replica. Replicas in a ``local`` segment are copied here
+    and now with ``memmove``; returns the other requests and the index owning each."""
+    requests: list[TransferRequest] = []
+    owners: list[int] = []
+    for idx, rep, offset, parts in items:
+        pos = rep.address + offset
+        for addr, n in parts:
+            if rep.segment in local:
+                if opcode == Opcode.WRITE:
+                    ctypes.memmove(pos, addr, n)
+                else:
+                    ctypes.memmove(addr, pos, n)
+            else:
+                requests.append(TransferRequest(opcode, addr, rep.segment, pos, n))
+                owners.append(idx)
+            pos += n
+    return requests, owners
 
 
 async def _run(client: AsyncStoreClient, requests: list[TransferRequest], owners: list[int],
