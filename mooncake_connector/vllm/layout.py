@@ -111,9 +111,8 @@ class BlockLayout:
     def block_buffers(self, block_id: int) -> tuple[list[int], list[int]]:
         """Pointers and sizes of block ``block_id`` across all layers, in layer order."""
         ptrs, sizes = [], []
-        for base, stride, segs in zip(self.bases, self.block_stride, self.segments):
-            start = base + block_id * stride
-            for off, size in segs:
-                ptrs.append(start + off)
+        for layer in range(len(self.segments)):
+            for ptr, size in self.layer_pieces(layer, block_id):
+                ptrs.append(ptr)
                 sizes.append(size)
         return ptrs, sizes

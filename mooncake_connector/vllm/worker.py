@@ -247,21 +247,22 @@ class WorkerSide:
     def submit_saves(self, meta: PyMooncakeMetadata) -> None:
         step, self._step = self._step, None
         if step is not None and step.saves is meta.saves:
-            with self._lock:
-                for t in step.saves:
-                    self._pending_saves[t.req_id] += 1
-            fut = self._save_pool.submit(self._commit_step, step)
-            self._save_futures.add(fut)
-            fut.add_done_callback(self._save_futures.discard)
+            self._submit_save([t.req_id for t in step.saves], self._commit_step, step)
             return
         if step is not None:  # not this step's: give its reservation back
             self.store.stage_abort(step.handle)
         for t in meta.saves:
-            with self._lock:
-                self._pending_saves[t.req_id] += 1
-            fut = self._save_pool.submit(self._save, t)
-            self._save_futures.add(fut)
-            fut.add_done_callback(self._save_futures.discard)
+            self._submit_save([t.req_id], self._save, t)
+
+    def _submit_save(self, req_ids: list[str], fn: Any, arg: Any) -> None:
+        """Run ``fn(arg)`` on the save thread; ``req_ids`` count it as in flight until it
+        reports (``_record_save``)."""
+        with self._lock:
+            for req_id in req_ids:
+                self._pending_saves[req_id] += 1
+        fut = self._save_pool.submit(fn, arg)
+        self._save_futures.add(fut)
+        fut.add_done_callback(self._save_futures.discard)
 
     def wait_for_inflight_saves(self) -> None:
         """Block until every submitted save finished (before vLLM may reuse their blocks)."""
