@@ -15,11 +15,12 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-__all__ = ["free_port", "wait_for_port", "EtcdServer", "stop_process", "stop_process_group",
-           "tail_file"]
+__all__ = ["free_port", "wait_for_port", "wait_for_http", "EtcdServer", "stop_process",
+           "stop_process_group", "tail_file"]
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -40,6 +41,27 @@ def wait_for_port(host: str, port: int, timeout: float = 30.0) -> None:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"nothing listening on {host}:{port} after {timeout:.0f}s")
             time.sleep(0.05)
+
+
+def wait_for_http(url: str, timeout: float, *, proc: subprocess.Popen | None = None,
+                  ok: Callable[[bytes], bool] | None = None, interval: float = 0.1,
+                  request_timeout: float = 2.0) -> bool:
+    """Poll ``url`` until it answers 200 (and ``ok(body)``, when given): ``True``. ``False``
+    when ``proc`` exited first or ``timeout`` passed (``proc.poll()`` tells which); callers
+    clean up and say why in their own words."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc is not None and proc.poll() is not None:
+            return False
+        try:
+            with urllib.request.urlopen(url, timeout=request_timeout) as r:
+                if r.status == 200 and (ok is None or ok(r.read())):
+                    return True
+        except (urllib.error.URLError, OSError):
+            pass
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(interval)
 
 
 def stop_process(proc: subprocess.Popen, timeout: float = 10.0) -> None:
@@ -124,21 +146,14 @@ class EtcdServer:
         self._proc = subprocess.Popen(
             cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, start_new_session=True
         )
-        deadline = time.monotonic() + timeout
-        while True:
-            if self._proc.poll() is not None:
-                err = self._proc.stderr.read().decode(errors="replace") if self._proc.stderr else ""
-                raise RuntimeError(f"etcd exited with {self._proc.returncode}: {err[-2000:]}")
-            try:
-                with urllib.request.urlopen(f"{client}/health", timeout=1) as r:
-                    if b'"health":"true"' in r.read():
-                        return self
-            except (urllib.error.URLError, OSError):
-                pass
-            if time.monotonic() > deadline:
-                self.stop()
-                raise TimeoutError(f"etcd not healthy on {client} after {timeout:.0f}s")
-            time.sleep(0.1)
+        if wait_for_http(f"{client}/health", timeout, proc=self._proc, request_timeout=1,
+                         ok=lambda body: b'"health":"true"' in body):
+            return self
+        if self._proc.poll() is not None:
+            err = self._proc.stderr.read().decode(errors="replace") if self._proc.stderr else ""
+            raise RuntimeError(f"etcd exited with {self._proc.returncode}: {err[-2000:]}")
+        self.stop()
+        raise TimeoutError(f"etcd not healthy on {client} after {timeout:.0f}s")
 
     def stop(self) -> None:
         if self._proc is not None:

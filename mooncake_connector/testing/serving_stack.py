@@ -12,7 +12,6 @@ import contextlib
 import subprocess
 import sys
 import time
-import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +19,7 @@ from typing import Any
 
 from mooncake_connector.testing.store_cluster import StoreCluster
 from mooncake_connector.testing.vllm_engines import VllmServer
-from transfer.testing import free_port, stop_process, wait_for_port
+from transfer.testing import free_port, stop_process, wait_for_http
 
 __all__ = ["ServingStack", "connector_config", "serving_stack"]
 
@@ -101,20 +100,13 @@ def serving_stack(
                  "--decode", decode.url, "--tokenizer", str(model), "--log-level", "WARNING"],
                 stdout=proxy_log, stderr=subprocess.STDOUT)
         stack.callback(stop_process, proxy)
-        wait_for_port("127.0.0.1", port, ready_timeout)
         url = f"http://127.0.0.1:{port}"
-        _wait_healthy(url, ready_timeout)
+        if not wait_for_http(f"{url}/health", ready_timeout, proc=proxy):
+            if proxy.poll() is not None:
+                raise RuntimeError(f"the proxy exited with {proxy.returncode} "
+                                   f"(log: {workdir / 'proxy.log'})")
+            raise TimeoutError(f"the proxy at {url} did not report healthy within "
+                               f"{ready_timeout:.0f}s")
         on_step(f"proxy       {url} (mooncake-proxy, P/D, policy global_cache)")
         yield ServingStack(workdir, cluster, prefill, decode, proxy, url)
 
-
-def _wait_healthy(url: str, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        with contextlib.suppress(OSError):
-            with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
-                if r.status == 200:
-                    return
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"the proxy at {url} did not report healthy within {timeout:.0f}s")
-        time.sleep(0.1)

@@ -12,14 +12,13 @@ import re
 import subprocess
 import sys
 import tempfile
-import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from transfer.testing import free_port, stop_process_group, tail_file
+from transfer.testing import free_port, stop_process_group, tail_file, wait_for_http
 
 __all__ = ["VllmServer", "cpu_engine_env", "run_offline", "DEFAULT_ENGINE_ARGS",
            "external_kv_tokens"]
@@ -130,23 +129,15 @@ class VllmServer:
             self.command(), stdout=self._log, stderr=subprocess.STDOUT,
             env=cpu_engine_env(**self.env), start_new_session=True,
         )
-        deadline = time.monotonic() + timeout
-        while True:
-            if self._proc.poll() is not None:
-                self.stop()
-                raise RuntimeError(
-                    f"vLLM server exited with {self._proc.returncode}; last log lines:\n{self.log_tail()}"
-                )
-            try:
-                with urllib.request.urlopen(f"{self.url}/health", timeout=2) as r:
-                    if r.status == 200:
-                        return self
-            except (urllib.error.URLError, OSError):
-                pass
-            if time.monotonic() > deadline:
-                self.stop()
-                raise TimeoutError(f"vLLM server not healthy after {timeout:.0f}s:\n{self.log_tail()}")
-            time.sleep(0.5)
+        if wait_for_http(f"{self.url}/health", timeout, proc=self._proc, interval=0.5):
+            return self
+        exited = self._proc.poll() is not None
+        self.stop()
+        if exited:
+            raise RuntimeError(
+                f"vLLM server exited with {self._proc.returncode}; last log lines:\n{self.log_tail()}"
+            )
+        raise TimeoutError(f"vLLM server not healthy after {timeout:.0f}s:\n{self.log_tail()}")
 
     def log_tail(self, n: int = 40) -> str:
         return tail_file(self.log_path, n)
