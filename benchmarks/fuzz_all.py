@@ -12,8 +12,11 @@ Why a separate runner: CI runs a few hundred cases per target (``tests/test_fuzz
 issue asks for 100k per target, which takes minutes per live server. Unlike the tests this keeps
 going after a violation and counts it, so one run reports every target's figures. Crashes are
 :class:`FuzzViolation` (an undocumented exception, a 5xx, a dead server), hangs are
-:class:`FuzzHang` (a call past the bound); peak memory is the RSS of the process holding the
-decoder (the server process for live targets, this process for pure decoders). Targets run in
+:class:`FuzzHang` (a call past the bound). Memory is the RSS of the process holding the decoder:
+the server's own process for live servers (the proxy included), this process for pure decoders
+and for the RPC clients (whose hostile server runs in a process of its own), sampled every
+``RSS_EVERY`` cases and reported at 10%, 50% and 100% of the cases with the growth over the
+second half (about 0 when the decoder's memory is bounded; see ``rss_profile``). Targets run in
 ``--jobs`` worker processes at once; the hypothesis seed is random unless ``--seed`` is given
 (CI derandomizes), and is reported so a run can be replayed. Within a target, live servers
 check several cases at once (``--lanes``, each case on its own connection) because their
@@ -31,6 +34,7 @@ import logging
 import multiprocessing
 import os
 import random
+import statistics
 import sys
 import threading
 import time
@@ -77,6 +81,44 @@ def targets() -> dict[str, tuple[Any, Any]]:
 
 BATCH = 500
 """Examples per hypothesis run inside one target (see ``run_target``)."""
+RSS_EVERY = 200
+"""Cases between two samples of the decoder process's RSS."""
+SERIES_POINTS = 20
+"""Windows of the RSS figures: the RSS "at" a point is over the 5% of the cases before it."""
+
+
+def rss_profile(samples: list[tuple[int, int]]) -> dict[str, Any]:
+    """The figures that tell a bounded decoder from one that keeps something per case.
+
+    ``samples`` are (cases checked so far, RSS bytes), in order, the last taken at the end.
+    A peak says little (the first cases may allocate everything the decoder will ever need);
+    RSS after 10%, 50% and 100% of the cases does: one that keeps something per case grows
+    linearly, so its growth over the second half is about that over the first 40%; a bounded
+    one plateaus, and its second-half growth is about 0. The RSS "at" a point is the median of
+    the samples over the 5% of the cases up to it: a single sample may catch a transient (one
+    case's buffers, 16 lanes of 256 KiB bodies being tokenized, or a heap trim just done),
+    which swings a process's RSS by tens of MiB either way and says nothing about what it
+    keeps; the median ignores those and still moves with anything kept per case.
+    """
+    mib = 2.0**20
+    final_cases = samples[-1][0]
+    width = final_cases / SERIES_POINTS
+
+    def at(cases: float) -> float:
+        window = [rss for n, rss in samples if cases - width <= n <= cases]
+        if not window:  # fewer samples than windows: the first one at or after the point
+            window = [next(rss for n, rss in samples if n >= cases)]
+        return statistics.median(window)
+
+    at_10, at_50, at_100 = at(0.1 * final_cases), at(0.5 * final_cases), at(final_cases)
+    series = [[0, round(samples[0][1] / mib, 1)]] + [
+        [round(k * width), round(at(k * width) / mib, 1)] for k in range(1, SERIES_POINTS + 1)]
+    peak_at, peak = max(samples, key=lambda s: s[1])
+    return {"rss_peak_mb": round(peak / mib, 1), "rss_peak_at_cases": peak_at,
+            "rss_mb_at": {"10%": round(at_10 / mib, 1), "50%": round(at_50 / mib, 1),
+                          "100%": round(at_100 / mib, 1)},
+            "rss_growth_second_half_mb": round((at_100 - at_50) / mib, 1),
+            "rss_mb_series": series}
 
 
 @contextlib.contextmanager
@@ -84,10 +126,11 @@ def steady_recursion_limit(extra: int = 2000) -> Iterator[None]:
     """Hold one recursion limit for a whole run, whatever hypothesis asks for.
 
     Why: hypothesis sets the (process-wide) limit around every example and restores the
-    original after each batch. A check running in another thread (a lane, the in-process proxy)
-    may then be decoding deep JSON right at the higher limit; pulled 1000 frames under it, the
-    thread dies with "Fatal Python error: Cannot recover from stack overflow" (seen in a proxy
-    run). The limit held is the one hypothesis gives a serial run's checks (about +2000).
+    original after each batch. A check running in another thread (a lane) may then be decoding
+    deep JSON right at the higher limit; pulled 1000 frames under it, the thread dies with
+    "Fatal Python error: Cannot recover from stack overflow" (seen in a proxy run, when the
+    proxy still ran in this process). The limit held is the one hypothesis gives a serial run's
+    checks (about +2000).
     """
     real = sys.setrecursionlimit
     old = sys.getrecursionlimit()
@@ -105,7 +148,7 @@ def one_malloc_arena() -> None:
 
     Why: glibc gives threads that contend for malloc arenas of their own (up to 8 per core)
     and seldom returns their memory, so with 16-32 lanes the RSS of an in-process target (the
-    proxy, the RPC clients) grows with the lanes rather than with what the decoder keeps: three
+    RPC clients) grows with the lanes rather than with what the decoder keeps: three
     rounds of 2,000 RPC-reply cases ended at 84/144/166 MiB with the default and 80/92/92 MiB
     with one arena. The GIL already serialises most of the threads' work, so sharing one arena
     costs little.
@@ -141,7 +184,8 @@ def run_target(name: str, factory: Any, strategy_of: Any, cases: int,
     lock = threading.Lock()
     with steady_recursion_limit(), factory() as h:
         h.healthy()
-        rss0 = peak = h.rss()
+        rss0 = h.rss()
+        samples = [(0, rss0)]  # (cases checked, RSS of the decoder's process)
         t0 = time.monotonic()
         n_lanes = max(1, lanes if lanes is not None else getattr(h, "lanes", 1))
         stats["lanes"] = n_lanes
@@ -171,15 +215,17 @@ def run_target(name: str, factory: Any, strategy_of: Any, cases: int,
                         stats["examples"].append(text)
 
         def submit(case: Any) -> None:
-            nonlocal submitted, peak
+            nonlocal submitted
             slots.acquire()
             if n_lanes == 1:
                 check(case)
             else:
                 pool.submit(check, case)
             submitted += 1
-            if submitted % 200 == 0:
-                peak = max(peak, h.rss())
+            if submitted % RSS_EVERY == 0:
+                with lock:
+                    checked = stats["cases"]
+                samples.append((checked, h.rss()))
 
         # Batches of examples, each with its own seed: the time cap then stops generation too
         # (one @given of 100k examples keeps generating after the cap), and a long run is a
@@ -207,16 +253,16 @@ def run_target(name: str, factory: Any, strategy_of: Any, cases: int,
         finally:
             pool.shutdown(wait=True)
         elapsed = time.monotonic() - t0
+        samples.append((stats["cases"], h.rss()))
         try:
             h.healthy()
             stats["serves_after"] = True
         except Exception as e:
             stats["serves_after"] = False
             stats["examples"].append(f"after: {e}")
-        peak = max(peak, h.rss())
     stats.update(seconds=round(elapsed, 1), rss_start_mb=round(rss0 / 2**20, 1),
-                 rss_peak_mb=round(peak / 2**20, 1),
-                 cases_per_s=round(stats["cases"] / max(elapsed, 1e-9), 1))
+                 cases_per_s=round(stats["cases"] / max(elapsed, 1e-9), 1),
+                 **rss_profile(samples))
     return stats
 
 
@@ -240,9 +286,12 @@ def main() -> None:
         results.append(r)
         print(json.dumps(r), file=sys.stderr, flush=True)  # survives an interrupted run
         if not args.json:
+            at = r["rss_mb_at"]
             print(f"{r['target']:22s} cases={r['cases']:>7} crashes={r['crashes']} "
-                  f"hangs={r['hangs']} serves_after={r['serves_after']} rss "
-                  f"{r['rss_start_mb']}->{r['rss_peak_mb']} MiB  {r['seconds']}s "
+                  f"hangs={r['hangs']} serves_after={r['serves_after']} rss MiB "
+                  f"start={r['rss_start_mb']} 10%={at['10%']} 50%={at['50%']} "
+                  f"100%={at['100%']} peak={r['rss_peak_mb']} "
+                  f"growth(2nd half)={r['rss_growth_second_half_mb']}  {r['seconds']}s "
                   f"({r['cases_per_s']}/s, {r['lanes']} lanes) seed={r['seed']}", flush=True)
             for ex in r["examples"]:
                 print(f"    {ex}")

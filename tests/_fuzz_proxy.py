@@ -2,18 +2,23 @@
 
 Why a live proxy: the request path reads, decodes, validates, tokenizes and forwards the body,
 and each stage can fail differently (aiohttp's parser, msgspec, the prompt checks, the
-tokenizer's chat template, the upstream client's header checks). So the target is a real
-:class:`~scheduler.proxy.Proxy` on a real socket, in P/D mode over two real upstream engines
-(:class:`~scheduler.testing.MiniEngine`), attacked with raw HTTP. The oracle: every answer is a
-4xx (a JSON error body when the request reached our handlers) or a normal answer, within the
-bound; never a 5xx, a hang, a body the upstream cannot parse, or a proxy that stops serving.
+tokenizer's chat template, the upstream client's header checks). So the target is the real
+proxy process (``python -m scheduler``) on a real socket, in P/D mode over two real upstream
+engines (:class:`~scheduler.testing.MiniEngine`), attacked with raw HTTP. The oracle: every
+answer is a 4xx (a JSON error body when the request reached our handlers) or a normal answer,
+within the bound; never a 5xx, a hang, a body the upstream cannot parse, a request left
+counted in flight, or a proxy that stops serving.
 """
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import json
+import os
 import socket
+import subprocess
+import sys
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -21,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import psutil
 from aiohttp import web
 from hypothesis import strategies as st
 
@@ -31,6 +37,7 @@ MAX_BODY = 256 << 10
 """The harness proxy's body limit: small, so the 413 path is reached by ordinary cases."""
 MAX_TOKENS = 64
 """What the upstream accepts, like an engine refusing more tokens than its context."""
+REPO = Path(__file__).resolve().parent.parent
 
 
 @dataclass
@@ -79,13 +86,37 @@ class _StrictEngine:
             if (type(n) is not int or not 0 < n <= MAX_TOKENS
                     or not isinstance(params, dict | None) or interval is not None):
                 return _refuse("invalid request")
-            return await original(request)
+            try:
+                return await original(request)
+            finally:
+                # MiniEngine records every request; a bulk run would keep 100k bodies.
+                self.engine.requests.clear()
+                self.engine.headers.clear()
 
         self.engine._complete = complete  # type: ignore[method-assign]
 
 
+MAX_IN_FLIGHT = 64
+"""The proxy's in-flight limit: well above the lanes, and small enough for ``healthy`` to fill
+it (which is how it proves, from outside the process, that no request stays counted)."""
+
+_LAUNCH = "\n".join([
+    "import functools, sys",
+    "from scheduler.proxy import app, cli",
+    "cli.ProxySettings = functools.partial(app.ProxySettings, max_body_bytes=int(sys.argv[1]))",
+    "raise SystemExit(cli.main(sys.argv[2:]))"])
+"""``python -m scheduler`` with a smaller body limit (the CLI has no flag for it), so the 413
+path is reached by ordinary cases rather than by 16 MiB bodies."""
+
+
 class ProxyHarness(Harness):
-    """A proxy (and its two upstreams) on an event loop in a thread of this process."""
+    """The real proxy (``python -m scheduler``) in a process of its own, in P/D mode over two
+    upstream engines on an event loop in a thread of this process.
+
+    Why its own process: its crashes are its own, and its memory is the proxy's alone (not
+    hypothesis's, the lanes' or the upstreams'), so ``rss`` says whether the decoder's is
+    bounded.
+    """
 
     # A request the proxy cannot complete costs a case the whole ``patience`` of
     # http_exchange (most of a serial run's time); lanes overlap those waits.
@@ -94,20 +125,18 @@ class ProxyHarness(Harness):
     def __init__(self, tokenizer: Path | None) -> None:
         self.tokenizer = tokenizer
         self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, name="fuzz-proxy",
+        self.thread = threading.Thread(target=self.loop.run_forever, name="fuzz-upstreams",
                                        daemon=True)
         self.engines: list[_StrictEngine] = []
-        self.proxy: Any = None
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.log = tempfile.NamedTemporaryFile("wb", prefix="fuzz-proxy-", suffix=".log")
         self.port = 0
 
     def _run(self, coro: Any, timeout: float = 30.0) -> Any:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
 
     def start(self) -> None:
-        from scheduler.proxy import Proxy, ProxySettings
-        from scheduler.proxy.instances import InstanceSpec
-        from scheduler.proxy.prompt import PromptHasher
-        from store.keys import KeyNamespace
+        from transfer.testing import free_port, wait_for_port
 
         self.thread.start()
 
@@ -115,47 +144,67 @@ class ProxyHarness(Harness):
             self.engines = [_StrictEngine(), _StrictEngine()]
             for e in self.engines:
                 await e.engine.start()
-            hasher = None
-            if self.tokenizer is not None:
-                ns = KeyNamespace(model="tiny", kv_dtype="float16", kv_layout="nhd", block_size=16)
-                hasher = PromptHasher(ns, str(self.tokenizer))
-                hasher._tok()  # load now, not inside the first fuzz case's time bound
-            settings = ProxySettings(port=0, health_interval=0.5, max_body_bytes=MAX_BODY,
-                                     request_timeout=CALL_BOUND_S)
-            self.proxy = Proxy([InstanceSpec(self.engines[0].engine.url, "prefill"),
-                                InstanceSpec(self.engines[1].engine.url, "decode")],
-                               settings=settings, hasher=hasher)
-            await self.proxy.start()
-            self.port = self.proxy.port
 
         self._run(up(), timeout=60)
+        self.port = free_port()
+        args = [sys.executable, "-c", _LAUNCH, str(MAX_BODY), "--port", str(self.port),
+                "--prefill", self.engines[0].engine.url, "--decode", self.engines[1].engine.url,
+                "--request-timeout", str(CALL_BOUND_S), "--health-interval", "0.5",
+                "--max-in-flight", str(MAX_IN_FLIGHT), "--log-level", "ERROR"]
+        if self.tokenizer is not None:
+            ns = {"model": "tiny", "kv_dtype": "float16", "kv_layout": "nhd", "block_size": 16}
+            args += ["--tokenizer", str(self.tokenizer), "--namespace", json.dumps(ns)]
+        # aiohttp logs refused requests with a traceback: to a file, shown if the proxy dies.
+        self.proc = subprocess.Popen(args, cwd=REPO, stdout=subprocess.DEVNULL, stderr=self.log)
+        deadline = time.monotonic() + 60  # the tokenizer loads before the port is bound
+        while True:
+            try:
+                wait_for_port("127.0.0.1", self.port, timeout=0.5)
+                break
+            except TimeoutError:
+                if time.monotonic() > deadline or self.proc.poll() is not None:
+                    raise RuntimeError(f"the proxy did not start: {self._tail()}") from None
         deadline = time.monotonic() + 20
         while self._send(_post("/v1/models", b"", method=b"GET")).body.count(b"mini") == 0:
-            if time.monotonic() > deadline:
-                raise RuntimeError("proxy never saw its upstreams healthy")
+            if time.monotonic() > deadline or self.proc.poll() is not None:
+                raise RuntimeError(f"proxy never saw its upstreams healthy: {self._tail()}")
             time.sleep(0.1)
 
     def stop(self) -> None:
+        from transfer.testing import stop_process
+
+        if self.proc is not None:
+            stop_process(self.proc, timeout=5)
+
         async def down() -> None:
-            if self.proxy is not None:
-                await self.proxy.stop()
             for e in self.engines:
                 await e.engine.stop()
-            # Connections aiohttp still drains (bodies of refused requests) end here, not
-            # as "Task was destroyed but it is pending" when the loop closes.
+            # Connections aiohttp still drains end here, not as "Task was destroyed but it is
+            # pending" when the loop closes.
             rest = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
             for t in rest:
                 t.cancel()
             await asyncio.gather(*rest, return_exceptions=True)
 
-        with contextlib.suppress(Exception):
-            self._run(down())
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(10)
+        if self.thread.is_alive():
+            with contextlib.suppress(Exception):
+                self._run(down())
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self.thread.join(10)
         self.loop.close()
+        self.log.close()
+
+    def _tail(self, n: int = 2000) -> str:
+        with open(self.log.name, "rb") as f:
+            f.seek(max(0, os.path.getsize(self.log.name) - n))
+            return f.read().decode(errors="replace")
 
     def _send(self, raw: bytes) -> HttpAnswer:
         return http_exchange(self.port, raw)
+
+    def rss(self) -> int:
+        assert self.proc is not None
+        return psutil.Process(self.proc.pid).memory_info().rss
 
     def check(self, case: HttpCase) -> None:
         t0 = time.monotonic()
@@ -176,8 +225,9 @@ class ProxyHarness(Harness):
             if e.broken_bodies:
                 raise FuzzViolation(f"the proxy forwarded a broken body {e.broken_bodies[0]!r} "
                                     f"for {case.raw[:300]!r}")
-        if not self.thread.is_alive():
-            raise FuzzViolation("the proxy's event loop died")
+        assert self.proc is not None
+        if self.proc.poll() is not None:
+            raise FuzzViolation(f"the proxy exited with {self.proc.returncode}: {self._tail()}")
 
     def healthy(self) -> None:
         for path, body in (("/v1/completions", {"prompt": "hello there", "max_tokens": 3}),
@@ -189,9 +239,37 @@ class ProxyHarness(Harness):
             if answer.status != 200 or b"tok" not in answer.body:
                 raise FuzzViolation(f"good request to {path} got {answer.status} "
                                     f"{answer.body[:200]!r}")
-        in_flight = self.proxy._in_flight
-        if in_flight:
-            raise FuzzViolation(f"{in_flight} requests still counted in flight")
+        self._none_counted_in_flight()
+
+    def _none_counted_in_flight(self, patience: float = 10.0) -> None:
+        """Raise unless the proxy counts exactly the requests it holds as in flight.
+
+        Seen from outside through its overload check: with :data:`MAX_IN_FLIGHT` requests held
+        open (their bodies never come) a good request is refused (503); with one fewer it is
+        served. A request the proxy kept counting after its end (a leak that would end in
+        refusing everything) leaves the good request refused.
+        """
+        good = _post("/v1/completions", b'{"model":"mini","prompt":"probe","max_tokens":1}')
+        head = _post("/v1/completions", b"", headers=[(b"Content-Type", b"application/json"),
+                                                      (b"Content-Length", b"100")]) + b"{"
+        held = []
+        try:
+            for _ in range(MAX_IN_FLIGHT):
+                s = socket.create_connection(("127.0.0.1", self.port), timeout=CALL_BOUND_S)
+                held.append(s)
+                s.sendall(head)
+            for want, wrong in ((503, "the held requests are not counted"),
+                                (200, "it still counts requests that are over")):
+                deadline = time.monotonic() + patience
+                while (status := self._send(good).status) != want:
+                    if time.monotonic() > deadline:
+                        raise FuzzViolation(f"with {len(held)} requests held the proxy answers "
+                                            f"{status}, not {want}: {wrong}")
+                    time.sleep(0.05)
+                held.pop().close()
+        finally:
+            for s in held:
+                s.close()
 
 
 def http_exchange(port: int, raw: bytes, patience: float = 0.3) -> HttpAnswer:
@@ -199,10 +277,12 @@ def http_exchange(port: int, raw: bytes, patience: float = 0.3) -> HttpAnswer:
 
     No answer within ``patience`` means the server waits for more body: our EOF is sent and it
     must then answer or close within :data:`CALL_BOUND_S`. An interim answer (``100 Continue``
-    to an ``Expect``) is no answer: the final one after it is what the oracle judges.
+    to an ``Expect``) is no answer: the final one after it is what the oracle judges. An answer
+    to ``HEAD`` is whole with its headers: it never has a body, whatever its Content-Length.
     """
     deadline = time.monotonic() + CALL_BOUND_S
     data = b""
+    head_request = raw.startswith(b"HEAD ")
     with socket.create_connection(("127.0.0.1", port), timeout=CALL_BOUND_S) as s:
         with contextlib.suppress(OSError):
             s.sendall(raw)
@@ -223,7 +303,7 @@ def http_exchange(port: int, raw: bytes, patience: float = 0.3) -> HttpAnswer:
             if not chunk:
                 break
             data += chunk
-            if _complete(_final(data)):
+            if _complete(_final(data), head_request):
                 break  # a whole answer: what the server does with the rest is its business
     data = _final(data)
     if not data:
@@ -237,7 +317,9 @@ def http_exchange(port: int, raw: bytes, patience: float = 0.3) -> HttpAnswer:
     for line in lines[1:]:
         k, _, v = line.partition(b":")
         headers[k.strip().lower().decode("latin-1")] = v.strip().decode("latin-1")
-    if headers.get("transfer-encoding", "").lower() == "chunked":
+    if head_request:
+        body = b""
+    elif headers.get("transfer-encoding", "").lower() == "chunked":
         body = _dechunk(body)
     return HttpAnswer(int(parts[1]), headers, body)
 
@@ -251,10 +333,12 @@ def _final(data: bytes) -> bytes:
     return data
 
 
-def _complete(data: bytes) -> bool:
+def _complete(data: bytes, head_request: bool = False) -> bool:
     head, sep, body = data.partition(b"\r\n\r\n")
     if not sep:
         return False
+    if head_request:
+        return True
     for line in head.split(b"\r\n")[1:]:
         k, _, v = line.partition(b":")
         if k.strip().lower() == b"content-length" and v.strip().isdigit():

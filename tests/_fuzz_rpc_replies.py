@@ -11,6 +11,10 @@ byte by byte), then close or stall. The oracle: the call returns (only when a va
 sent, possibly a later protocol's answer with fields it ignores) or raises an
 :class:`~transfer.rpc.RpcError` within ``connect_timeout + timeout`` (plus
 slack), never another exception and never later.
+
+The clients are the decoders under test, so they run here; the hostile server is a process of
+its own (``tests/_fuzz_rpc_server.py``), so this process's memory is the clients', hypothesis's
+and the lanes' only.
 """
 from __future__ import annotations
 
@@ -18,37 +22,24 @@ import asyncio
 import contextlib
 import queue
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import msgspec
 from hypothesis import strategies as st
 
 from _fuzz import FuzzHang, FuzzViolation, Harness
+from _fuzz_rpc_server import CALL_TIMEOUT, CONNECT_TIMEOUT, SLACK, Piece, Played, Script
+from _fuzz_rpc_server import encode_piece as _encode
+from _fuzz_rpc_server import recv_control, send_control
 
-CONNECT_TIMEOUT = 0.4
-CALL_TIMEOUT = 0.3
-SLACK = 1.5
-"""Scheduling slack on a loaded 2-core machine, on top of the two timeouts."""
-DRIP_INTERVAL = 0.1
-
-
-@dataclass
-class Piece:
-    """One thing the server sends: ``kind`` is ``raw`` (``data`` as is), ``frame`` (an envelope
-    ``[kind, request_id + id_delta, method, body]``), ``prefix`` (a 4-byte length ``n`` and
-    ``data``, possibly fewer bytes than announced) or ``drip`` (``data`` one byte at a time)."""
-
-    kind: str
-    data: bytes = b""
-    frame_kind: int = 1
-    id_delta: int = 0
-    body: Any = None
-    n: int = 0
-    repeat: int = 1
+SERVER = Path(__file__).resolve().with_name("_fuzz_rpc_server.py")
 
 
 @dataclass
@@ -59,20 +50,6 @@ class ReplyCase:
     client: str  # "blocking" | "async"
     good_hello: bool = False
     expect_ok: bool = field(default=False)
-
-
-def _encode(p: Piece, request_id: int) -> bytes:
-    from transfer.rpc.testing import raw_frame
-
-    if p.kind == "frame":
-        rid = max(0, request_id + p.id_delta)
-        try:
-            return raw_frame(p.frame_kind, rid, "echo", p.body)
-        except OverflowError:
-            return raw_frame(p.frame_kind, rid, "echo", None)
-    if p.kind == "prefix":
-        return p.n.to_bytes(4, "big") + p.data
-    return p.data
 
 
 # -- cases -----------------------------------------------------------------------------------
@@ -126,110 +103,60 @@ reply_cases = st.builds(_case, _hello, st.lists(_reply_piece, max_size=3),
                         st.sampled_from(["blocking", "async"]))
 
 
-# -- the hostile server and the clients ------------------------------------------------------
+# -- the clients against the hostile server process ------------------------------------------
 
 
-class _Script:
-    """Plays one case on one accepted connection (in its own thread)."""
-
-    def __init__(self, sock: socket.socket, case: ReplyCase) -> None:
-        self.sock = sock
-        self.case = case
-        self.done = threading.Event()
-        self.hello_at: float | None = None  # when the hello, then the reply, had been sent
-        self.reply_at: float | None = None
-
-    def _read_frame(self, timeout: float) -> bytes | None:
-        self.sock.settimeout(timeout)
-        buf = b""
-        try:
-            while len(buf) < 4 or len(buf) < 4 + int.from_bytes(buf[:4], "big"):
-                chunk = self.sock.recv(65536)
-                if not chunk:
-                    return None
-                buf += chunk
-        except OSError:
-            return None
-        return buf[4:4 + int.from_bytes(buf[:4], "big")]
-
-    def _send(self, pieces: list[Piece], request_id: int) -> bool:
-        try:
-            for p in pieces:
-                data = _encode(p, request_id) * p.repeat
-                if p.kind == "drip":
-                    for i in range(len(data)):
-                        self.sock.sendall(data[i:i + 1])
-                        time.sleep(DRIP_INTERVAL)
-                else:
-                    self.sock.sendall(data)
-        except OSError:
-            return False
-        return True
-
-    def run(self) -> None:
-        try:
-            if self._read_frame(CONNECT_TIMEOUT + 1) is None:
-                return
-            if not self._send(self.case.hello, 0):
-                return
-            self.hello_at = time.monotonic()
-            request_id = 1
-            if self.case.good_hello:
-                req = self._read_frame(CALL_TIMEOUT + CONNECT_TIMEOUT + 1)
-                if req is None:
-                    return
-                with contextlib.suppress(Exception):
-                    request_id = int(msgspec.msgpack.decode(req)[1])
-                if not self._send(self.case.reply, request_id):
-                    return
-                self.reply_at = time.monotonic()
-            if self.case.end == "stall":
-                # Hold the connection (reading) until the client gives up and closes it.
-                self.sock.settimeout(CONNECT_TIMEOUT + CALL_TIMEOUT + SLACK + 2)
-                with contextlib.suppress(OSError):
-                    while self.sock.recv(65536):
-                        pass
-        finally:
-            with contextlib.suppress(OSError):
-                self.sock.close()
-            self.done.set()
-
-
-def _prompt(script: _Script | None, t0: float) -> bool:
+def _prompt(played: Played | None, t0: float) -> bool:
     """Whether the server sent its hello and reply well within the client's timeouts.
 
     Only then is a refused valid answer the client's fault: on a loaded machine (many lanes)
-    this harness's own threads may answer too late, and the client is right to time out.
+    the server may answer too late, and the client is right to time out.
     """
-    return (script is not None and script.hello_at is not None and script.reply_at is not None
-            and script.hello_at - t0 < CONNECT_TIMEOUT / 2
-            and script.reply_at - script.hello_at < CALL_TIMEOUT / 2)
+    return (played is not None and played.hello_at is not None and played.reply_at is not None
+            and played.hello_at - t0 < CONNECT_TIMEOUT / 2
+            and played.reply_at - played.hello_at < CALL_TIMEOUT / 2)
 
 
 class _Lane:
-    """A hostile listener and an event loop for the async client: one case at a time."""
+    """A control connection to the server process (its hostile listener's port) and an event
+    loop for the async client: one case at a time."""
 
-    def __init__(self) -> None:
-        self.listener = socket.socket()
-        self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.listener.bind(("127.0.0.1", 0))
-        self.listener.listen(16)
-        self.port = self.listener.getsockname()[1]
+    PLAYED_BOUND = (CONNECT_TIMEOUT + 1) + (CONNECT_TIMEOUT + CALL_TIMEOUT + SLACK + 3) + 2
+    """How long the server may take to report a script played (its accept and stall bounds)."""
+
+    def __init__(self, control_port: int) -> None:
+        self.control = socket.create_connection(("127.0.0.1", control_port), timeout=10)
+        self.control.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        head = self.control.recv(4, socket.MSG_WAITALL)
+        if len(head) != 4:
+            raise RuntimeError("the hostile server closed a new lane")
+        self.port = int.from_bytes(head, "big")
         self.loop = asyncio.new_event_loop()
+        self._played = msgspec.msgpack.Decoder(Played).decode
+        self.in_step = True
+        """Whether the server has reported every script sent (else the lane must be dropped)."""
 
     def close(self) -> None:
-        self.listener.close()
+        self.control.close()
         self.loop.close()
 
-    def serve_one(self, case: ReplyCase) -> _Script | None:
-        self.listener.settimeout(CONNECT_TIMEOUT + 1)
+    def arm(self, case: ReplyCase) -> None:
+        """Tell the server what to play on the next connection."""
+        self.in_step = False
+        send_control(self.control, Script(case.hello, case.reply, case.end, case.good_hello))
+
+    def played(self) -> Played | None:
+        """What the server did; None if it did not say within the bound (the lane is then out
+        of step and must be dropped)."""
+        self.control.settimeout(self.PLAYED_BOUND)
         try:
-            sock, _ = self.listener.accept()
-        except OSError:
+            raw = recv_control(self.control)
+        except (OSError, ValueError):
             return None
-        script = _Script(sock, case)
-        threading.Thread(target=script.run, daemon=True).start()
-        return script
+        if raw is None:
+            return None
+        self.in_step = True
+        return self._played(raw)
 
     def call(self, case: ReplyCase) -> Any:
         from transfer.rpc import BlockingRpcClient, RpcClient
@@ -248,7 +175,8 @@ class _Lane:
 
 
 class ReplyHarness(Harness):
-    """Hostile servers in this process; each case is one call from a fresh client.
+    """Hostile servers in a process of their own; each case is one call from a fresh client
+    of this process.
 
     A case mostly waits (the client's timeouts against a stalled or dripping peer), so a bulk
     run checks :attr:`lanes` cases at once, each on its own listener and event loop.
@@ -256,35 +184,48 @@ class ReplyHarness(Harness):
 
     lanes = 32
 
-    def __init__(self) -> None:
+    def __init__(self, control_port: int, proc: subprocess.Popen[bytes]) -> None:
+        self.control_port = control_port
+        self.proc = proc
         self._all: list[_Lane] = []
         self._free: queue.SimpleQueue[_Lane] = queue.SimpleQueue()
         self._lock = threading.Lock()
 
     def close(self) -> None:
-        for lane in self._all:
-            lane.close()
+        with self._lock:
+            for lane in self._all:
+                lane.close()
+            self._all.clear()
+
+    def _drop(self, lane: _Lane) -> None:
+        with self._lock:
+            if lane in self._all:
+                self._all.remove(lane)
+        lane.close()
 
     def check(self, case: ReplyCase) -> None:
         try:
             lane = self._free.get_nowait()
         except queue.Empty:  # as many lanes as cases checked at once
-            lane = _Lane()
+            lane = _Lane(self.control_port)
             with self._lock:
                 self._all.append(lane)
         try:
             self._check(lane, case)
         finally:
-            self._free.put(lane)
+            if lane.in_step:
+                self._free.put(lane)
+            else:
+                self._drop(lane)
 
     def _check(self, lane: _Lane, case: ReplyCase) -> None:
         from transfer.rpc import RpcError
         from transfer.rpc.testing import Echo
 
-        accepted: list[_Script | None] = []
-        server = threading.Thread(target=lambda: accepted.append(lane.serve_one(case)),
-                                  daemon=True)
-        server.start()
+        try:
+            lane.arm(case)
+        except OSError:
+            raise RuntimeError(f"the hostile server is gone ({self.proc.poll()=})") from None
         t0 = time.monotonic()
         try:
             result = lane.call(case)
@@ -295,6 +236,7 @@ class ReplyHarness(Harness):
             raise FuzzViolation(f"{case.client} client raised {type(e).__name__}: {e!r} for "
                                 f"{case!r:.600}") from e
         elapsed = time.monotonic() - t0
+        played = lane.played()  # the server is done with the connection: the case is over
         bound = CONNECT_TIMEOUT + CALL_TIMEOUT + SLACK
         if elapsed > bound:
             raise FuzzHang(f"{case.client} client took {elapsed:.2f}s (bound {bound:.1f}s) "
@@ -303,11 +245,7 @@ class ReplyHarness(Harness):
             # Any body that decodes as the response type is an answer (a map with unknown keys
             # and defaults is, by design: forward compatibility); anything else must raise.
             raise FuzzViolation(f"{case.client} client returned {result!r} for {case!r:.600}")
-        server.join(2)
-        script = accepted[0] if accepted else None
-        if script is not None:
-            script.done.wait(CONNECT_TIMEOUT + CALL_TIMEOUT + SLACK + 3)
-        if case.expect_ok and error is not None and _prompt(script, t0):
+        if case.expect_ok and error is not None and _prompt(played, t0):
             raise FuzzViolation(f"{case.client} client refused a valid answer: {error!r}")
 
     def healthy(self) -> None:
@@ -321,8 +259,19 @@ class ReplyHarness(Harness):
 
 @contextlib.contextmanager
 def reply_harness() -> Iterator[ReplyHarness]:
-    h = ReplyHarness()
+    """The hostile server as its own process (``tests/_fuzz_rpc_server.py``)."""
+    from transfer.testing import free_port, stop_process, wait_for_port
+
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, str(SERVER), "--port", str(port)],
+                            cwd=SERVER.parent, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
     try:
-        yield h
+        wait_for_port("127.0.0.1", port, timeout=20)
+        h = ReplyHarness(port, proc)
+        try:
+            yield h
+        finally:
+            h.close()
     finally:
-        h.close()
+        stop_process(proc, timeout=5)

@@ -7,10 +7,13 @@ from __future__ import annotations
 
 import gzip
 import json
+import socket
+import time
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 
+from _fuzz import FuzzViolation
 from _fuzz_proxy import _post, http_exchange, proxy_cases, proxy_harness
 
 pytestmark = pytest.mark.timeout(90)
@@ -40,6 +43,19 @@ def test_proxy_answers_hostile_http_with_4xx(proxy):
     assert proxy.rss() - before < RSS_BOUND
 
 
+def test_in_flight_probe_sees_a_request_still_counted(proxy):
+    """``healthy`` proves from outside the proxy's process that no request stays counted in
+    flight; one more request held open is what a leaked count looks like to it."""
+    held = socket.create_connection(("127.0.0.1", proxy.port), timeout=5)
+    try:
+        held.sendall(_post("/v1/completions", b"", headers=[(b"Content-Length", b"9")]))
+        with pytest.raises(FuzzViolation, match="still counts"):
+            proxy._none_counted_in_flight(patience=1.0)
+    finally:
+        held.close()
+    proxy._none_counted_in_flight()
+
+
 @pytest.mark.parametrize("header", [b"Expect: \xff\xfe", b"Expect: nope",
                                     b"Content-Encoding: deflate"])
 def test_proxy_refuses_odd_expect_and_encoding_with_json(proxy, header):
@@ -65,6 +81,23 @@ def test_expect_100_continue_is_judged_by_the_final_answer(proxy, body, length, 
                (b"Content-Length", str(length or len(body)).encode())]
     assert http_exchange(proxy.port, _post("/v1/completions", body, headers=headers)).status \
         in statuses
+
+
+@pytest.mark.parametrize("raw", [
+    b"HEAD /metrics HTTP/1.1\r\nHost: a\r\nConnection: close\r\nExpect: \r\n"
+    b"Transfer-Encoding: chunked\r\n\r\n",
+    b"HEAD /v1/chat/completions HTTP/1.1\r\nHost: a\r\nConnection: close\r\n"
+    b"Transfer-Encoding: gzip, chunked\r\n\r\n2147",
+])
+def test_an_answer_to_head_is_whole_without_a_body(proxy, raw):
+    """Found by the 100k-case run with the proxy in its own process: the proxy answers a HEAD
+    whose chunked body never comes at once (headers, a Content-Length, no body, as HTTP says)
+    and waits for the rest of that body, and the harness waited for the body the answer
+    announced: five 5 s "hangs" in 100k cases."""
+    t0 = time.monotonic()
+    answer = http_exchange(proxy.port, raw)
+    assert answer.status in (200, 405) and answer.body == b""
+    assert time.monotonic() - t0 < 2.5
 
 
 def test_gzip_body_is_forwarded_decoded(proxy):

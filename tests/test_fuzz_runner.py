@@ -72,3 +72,41 @@ def test_lanes_check_the_same_cases_as_one_at_a_time():
     _, serial = _run(1)
     _, parallel = _run(4)
     assert Counter(serial.seen) == Counter(parallel.seen)
+
+
+def test_rss_profile_tells_growth_from_a_plateau():
+    """A decoder keeping 1 KiB per case grows by half its total over the second half; one that
+    stops allocating after 1,000 cases does not grow there at all, transients aside."""
+    linear = [(n, (100 << 20) + n * 1024) for n in range(0, 10_001, 200)]
+    plateau = [(n, (100 << 20) + min(n, 1000) * 1024 + (30 << 20) * (n == 9800))
+               for n in range(0, 10_001, 200)]
+    grows, flat = fuzz_all.rss_profile(linear), fuzz_all.rss_profile(plateau)
+    # Medians over the 5% of the cases up to each point: 800, 4,800 and 9,800 cases.
+    assert grows["rss_mb_at"] == {"10%": 100.8, "50%": 104.7, "100%": 109.6}
+    assert grows["rss_growth_second_half_mb"] == 4.9
+    assert grows["rss_peak_mb"] == 109.8 and grows["rss_peak_at_cases"] == 10_000
+    assert flat["rss_mb_at"] == {"10%": 100.8, "50%": 101.0, "100%": 101.0}
+    assert flat["rss_growth_second_half_mb"] == 0.0
+    assert flat["rss_peak_mb"] == 131.0 and flat["rss_peak_at_cases"] == 9800  # the transient
+    assert len(grows["rss_mb_series"]) == 21
+    assert grows["rss_mb_series"][0] == [0, 100.0] and grows["rss_mb_series"][-1] == [10_000, 109.6]
+
+
+class _Growing(_Recording):
+    """Its "decoder process" keeps 10 KiB per case checked."""
+
+    def rss(self) -> int:
+        return (50 << 20) + len(self.seen) * 10240
+
+
+def test_a_run_samples_the_decoders_rss_through_the_run(monkeypatch):
+    monkeypatch.setattr(fuzz_all, "RSS_EVERY", 50)
+    h = _Growing()
+    stats = fuzz_all.run_target("growing", lambda: contextlib.nullcontext(h),
+                                lambda _: st.integers(0, 10_000), cases=1000, seconds=None,
+                                run_seed=3, lanes=4)
+    assert stats["cases"] == 1000
+    assert stats["rss_peak_mb"] == round(50 + 10_000 / 1024, 1)
+    assert 0 <= stats["rss_peak_mb"] - stats["rss_mb_at"]["100%"] < 0.6
+    assert 4.0 < stats["rss_growth_second_half_mb"] < 5.5
+    assert 0.5 < stats["rss_mb_at"]["10%"] - 50 < 1.5
