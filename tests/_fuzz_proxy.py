@@ -12,6 +12,7 @@ counted in flight, or a proxy that stops serving.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import json
 import os
@@ -21,7 +22,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -59,15 +60,27 @@ def _refuse(message: str) -> web.Response:
                                         "code": 400}}, status=400)
 
 
+HOLD_KEY = "fuzz_hold_7c1e"
+"""A request carrying this key is held by the prefill engine until the harness releases it."""
+DECODE_HOLD_KEY = "fuzz_hold_decode_7c1e"
+"""The same, held by the decode engine (past the prefill engine's count)."""
+
+
 class _StrictEngine:
     """A MiniEngine that refuses what a real engine refuses (400) instead of crashing, and
-    counts bodies that are not JSON objects: the proxy must never forward one."""
+    counts bodies that are not JSON objects: the proxy must never forward one.
 
-    def __init__(self) -> None:
+    ``hold_key``: requests with that key set to true wait until :meth:`release` (``holding``
+    counts them), so the harness can keep requests in flight inside the proxy on purpose."""
+
+    def __init__(self, hold_key: str | None = None) -> None:
         from scheduler.testing import MiniEngine
 
         self.engine = MiniEngine()
         self.broken_bodies: list[bytes] = []
+        self.holding = 0
+        self._held: collections.deque[asyncio.Future[None]] = collections.deque()
+        self.loop = asyncio.get_running_loop()
         original = self.engine._complete
 
         async def complete(request: web.Request) -> web.StreamResponse:
@@ -86,6 +99,16 @@ class _StrictEngine:
             if (type(n) is not int or not 0 < n <= MAX_TOKENS
                     or not isinstance(params, dict | None) or interval is not None):
                 return _refuse("invalid request")
+            if hold_key is not None and body.get(hold_key) is True:
+                held = self.loop.create_future()
+                self._held.append(held)
+                self.holding += 1
+                try:
+                    await held
+                finally:
+                    self.holding -= 1
+                    with contextlib.suppress(ValueError):
+                        self._held.remove(held)
             try:
                 return await original(request)
             finally:
@@ -95,18 +118,20 @@ class _StrictEngine:
 
         self.engine._complete = complete  # type: ignore[method-assign]
 
+    def release(self, n: int | None = 1) -> None:
+        """Let the ``n`` oldest held requests go on, all of them if ``None`` (thread-safe:
+        called from the harness's threads; releasing more than are held releases those)."""
+        def go() -> None:
+            for _ in range(len(self._held) if n is None else min(n, len(self._held))):
+                self._held.popleft().set_result(None)
+
+        self.loop.call_soon_threadsafe(go)
+
 
 MAX_IN_FLIGHT = 64
 """The proxy's in-flight limit: well above the lanes, and small enough for ``healthy`` to fill
 it (which is how it proves, from outside the process, that no request stays counted)."""
 
-_LAUNCH = "\n".join([
-    "import functools, sys",
-    "from scheduler.proxy import app, cli",
-    "cli.ProxySettings = functools.partial(app.ProxySettings, max_body_bytes=int(sys.argv[1]))",
-    "raise SystemExit(cli.main(sys.argv[2:]))"])
-"""``python -m scheduler`` with a smaller body limit (the CLI has no flag for it), so the 413
-path is reached by ordinary cases rather than by 16 MiB bodies."""
 
 
 class ProxyHarness(Harness):
@@ -141,13 +166,15 @@ class ProxyHarness(Harness):
         self.thread.start()
 
         async def up() -> None:
-            self.engines = [_StrictEngine(), _StrictEngine()]
+            self.engines = [_StrictEngine(HOLD_KEY), _StrictEngine(DECODE_HOLD_KEY)]
             for e in self.engines:
                 await e.engine.start()
 
         self._run(up(), timeout=60)
         self.port = free_port()
-        args = [sys.executable, "-c", _LAUNCH, str(MAX_BODY), "--port", str(self.port),
+        # A small body limit: the 413 path is then reached by ordinary cases, not 16 MiB ones.
+        args = [sys.executable, "-m", "scheduler", "--max-body-bytes", str(MAX_BODY),
+                "--port", str(self.port),
                 "--prefill", self.engines[0].engine.url, "--decode", self.engines[1].engine.url,
                 "--request-timeout", str(CALL_BOUND_S), "--health-interval", "0.5",
                 "--max-in-flight", str(MAX_IN_FLIGHT), "--log-level", "ERROR"]
@@ -245,31 +272,55 @@ class ProxyHarness(Harness):
         """Raise unless the proxy counts exactly the requests it holds as in flight.
 
         Seen from outside through its overload check: with :data:`MAX_IN_FLIGHT` requests held
-        open (their bodies never come) a good request is refused (503); with one fewer it is
-        served. A request the proxy kept counting after its end (a leak that would end in
-        refusing everything) leaves the good request refused.
+        inside it (the prefill engine sits on them, :data:`HOLD_KEY`) a good request is refused
+        (503); with one of them released it is served. A request the proxy kept counting after
+        its end (a leak that would end in refusing everything) leaves the good request refused.
         """
         good = _post("/v1/completions", b'{"model":"mini","prompt":"probe","max_tokens":1}')
-        head = _post("/v1/completions", b"", headers=[(b"Content-Type", b"application/json"),
-                                                      (b"Content-Length", b"100")]) + b"{"
-        held = []
+        hold = _post("/v1/completions", json.dumps(
+            {"model": "mini", "prompt": "hold", "max_tokens": 1, HOLD_KEY: True}).encode())
+        prefill = self.engines[0]
+        sockets: list[socket.socket] = []
+
+        def wait(cond: Any, what: Callable[[], str]) -> None:
+            deadline = time.monotonic() + patience
+            while not cond():
+                if time.monotonic() > deadline:
+                    raise FuzzViolation(what())
+                time.sleep(0.02)
+
         try:
             for _ in range(MAX_IN_FLIGHT):
                 s = socket.create_connection(("127.0.0.1", self.port), timeout=CALL_BOUND_S)
-                held.append(s)
-                s.sendall(head)
+                sockets.append(s)
+                s.sendall(hold)
+            wait(lambda: prefill.holding == MAX_IN_FLIGHT,
+                 lambda: f"only {prefill.holding} of {MAX_IN_FLIGHT} held requests reached the "
+                         f"engine (the rest were refused: more is counted in flight)")
             for want, wrong in ((503, "the held requests are not counted"),
                                 (200, "it still counts requests that are over")):
                 deadline = time.monotonic() + patience
                 while (status := self._send(good).status) != want:
                     if time.monotonic() > deadline:
-                        raise FuzzViolation(f"with {len(held)} requests held the proxy answers "
-                                            f"{status}, not {want}: {wrong}")
+                        raise FuzzViolation(f"with {prefill.holding} requests held the proxy "
+                                            f"answers {status}, not {want}: {wrong}")
                     time.sleep(0.05)
-                held.pop().close()
+                if want == 503:
+                    prefill.release(1)
+                    wait(lambda: prefill.holding == MAX_IN_FLIGHT - 1,
+                         lambda: "a released request did not leave the engine")
         finally:
-            for s in held:
+            for s in sockets:
                 s.close()
+            # Let go of every held request, late arrivals included: none may stay behind
+            # counted in flight for the next probe.
+            quiet_since = time.monotonic()
+            deadline = quiet_since + patience
+            while time.monotonic() - quiet_since < 0.3 and time.monotonic() < deadline:
+                if prefill.holding:
+                    prefill.release(None)
+                    quiet_since = time.monotonic()
+                time.sleep(0.02)
 
 
 def http_exchange(port: int, raw: bytes, patience: float = 0.3) -> HttpAnswer:

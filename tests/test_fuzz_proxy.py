@@ -14,7 +14,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 
 from _fuzz import FuzzViolation
-from _fuzz_proxy import _post, http_exchange, proxy_cases, proxy_harness
+from _fuzz_proxy import (DECODE_HOLD_KEY, MAX_IN_FLIGHT, _post, http_exchange, proxy_cases,
+                         proxy_harness)
 
 pytestmark = pytest.mark.timeout(90)
 CI = settings(max_examples=250, deadline=None, database=None, derandomize=True,
@@ -45,15 +46,41 @@ def test_proxy_answers_hostile_http_with_4xx(proxy):
 
 def test_in_flight_probe_sees_a_request_still_counted(proxy):
     """``healthy`` proves from outside the proxy's process that no request stays counted in
-    flight; one more request held open is what a leaked count looks like to it."""
+    flight; a request the proxy holds beyond the probe's own (here: one the decode engine sits
+    on) is what a leaked count looks like to it."""
+    decode = proxy.engines[1]
     held = socket.create_connection(("127.0.0.1", proxy.port), timeout=5)
     try:
-        held.sendall(_post("/v1/completions", b"", headers=[(b"Content-Length", b"9")]))
-        with pytest.raises(FuzzViolation, match="still counts"):
+        held.sendall(_post("/v1/completions", json.dumps(
+            {"model": "mini", "prompt": "x", "max_tokens": 1, DECODE_HOLD_KEY: True}).encode()))
+        deadline = time.monotonic() + 10
+        while decode.holding != 1:
+            assert time.monotonic() < deadline, "the decode engine never got the held request"
+            time.sleep(0.02)
+        with pytest.raises(FuzzViolation, match="held requests reached|still counts"):
             proxy._none_counted_in_flight(patience=1.0)
     finally:
+        decode.release()
         held.close()
     proxy._none_counted_in_flight()
+
+
+def test_withholding_a_body_takes_no_in_flight_slot(proxy):
+    """Found by the fuzz run with the proxy in its own process: a client that sent headers and
+    then withheld its body was counted in flight for as long as it liked, so MAX_IN_FLIGHT idle
+    connections locked every other client out (503). Bodies are now read before counting."""
+    held = []
+    try:
+        for _ in range(MAX_IN_FLIGHT + 4):
+            s = socket.create_connection(("127.0.0.1", proxy.port), timeout=5)
+            held.append(s)
+            s.sendall(_post("/v1/completions", b"", headers=[(b"Content-Length", b"100")]) + b"{")
+        answer = http_exchange(proxy.port, _post(
+            "/v1/completions", b'{"model":"mini","prompt":"probe","max_tokens":1}'))
+        assert answer.status == 200, answer
+    finally:
+        for s in held:
+            s.close()
 
 
 @pytest.mark.parametrize("header", [b"Expect: \xff\xfe", b"Expect: nope",

@@ -217,6 +217,56 @@ async def test_overload_answers_503(engines):
         await proxy.stop()
 
 
+async def test_withheld_body_holds_no_slot_and_times_out(engines):
+    """A client that sends headers and then withholds its body (slowloris) must not take an
+    in-flight slot - 64 of them would otherwise lock everyone out with 503s - and is answered
+    408 and disconnected once ``body_timeout`` passes."""
+    proxy = await _proxy([InstanceSpec(engines[0].url, "mixed")],
+                         settings=ProxySettings(port=0, max_in_flight=1, body_timeout=0.5,
+                                                health_interval=0.2))
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+        writer.write(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n"
+                     b"Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{")
+        await writer.drain()
+        async with httpx.AsyncClient(base_url=proxy.url, timeout=10) as client:
+            r = await client.post("/v1/completions", json={"model": "mini", "prompt": "x"})
+        assert r.status_code == 200, r.text  # the withheld request holds no slot
+        answer = b""
+        while b"}}" not in answer:  # the JSON error ends the answer
+            chunk = await asyncio.wait_for(reader.read(4096), 5.0)
+            assert chunk, f"closed without an answer: {answer!r}"
+            answer += chunk
+        assert answer.startswith(b"HTTP/1.1 408"), answer[:200]
+        assert b"Connection: close" in answer and b"not received within 0.5s" in answer
+        writer.close()
+    finally:
+        await proxy.stop()
+
+
+async def test_malformed_http_is_logged_in_one_line(engines, caplog):
+    """aiohttp logs a traceback per unparsable request; the proxy keeps it to one line, so a
+    client flooding it with garbage cannot flood the logs ~0.7 KB at a time."""
+    import logging
+
+    proxy = await _proxy([InstanceSpec(engines[0].url, "mixed")])
+    try:
+        with caplog.at_level(logging.DEBUG, logger="aiohttp.server"):
+            reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+            writer.write(b"GET / HTTP/1.1\r\nHost: x\r\nBad Header\r\n\r\n")
+            await writer.drain()
+            answer = await asyncio.wait_for(reader.read(), 5.0)
+            writer.close()
+        assert answer.split(b"\r\n", 1)[0].endswith(b" 400 Bad Request"), answer[:200]
+        records = [r for r in caplog.records if r.name == "aiohttp.server"]
+        assert records, "aiohttp logged nothing for the malformed request"
+        for rec in records:
+            assert rec.exc_info is None and rec.levelno == logging.WARNING
+            assert "BadHttpMessage" in rec.getMessage() or "HTTP 400" in rec.getMessage()
+    finally:
+        await proxy.stop()
+
+
 async def test_block_index_stays_bounded(engines):
     """Every prompt adds its blocks to the instance's index; beyond the bound the least recently
     used are forgotten, so a long-running proxy's memory does not grow without limit."""

@@ -33,6 +33,7 @@ from typing import Any
 
 import msgspec
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.web_protocol import RequestPayloadError
 from aiohttp.web_urldispatcher import (AbstractMatchInfo, AbstractRoute, MatchInfoError,
                                       UrlMappingMatchInfo)
@@ -56,6 +57,26 @@ from store.keys import KeyNamespace
 __all__ = ["ProxySettings", "Proxy", "StoreLookup", "Replicator"]
 
 log = logging.getLogger(__name__)
+
+
+class _MalformedRequestLog(logging.Filter):
+    """aiohttp logs every request it cannot parse with a full traceback (~0.7 KB): anyone who
+    can reach the port could fill the disk. Those client errors become one line; server-side
+    errors keep their traceback."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, HttpProcessingError) and 400 <= (exc.code or 0) < 500:
+            record.args = (record.getMessage(), type(exc).__name__, exc.code)
+            record.msg = "%s: %s (HTTP %s)"
+            record.exc_info = record.exc_text = None
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+        return True
+
+
+_AIOHTTP_SERVER_LOG = logging.getLogger("aiohttp.server")
+if not any(isinstance(f, _MalformedRequestLog) for f in _AIOHTTP_SERVER_LOG.filters):
+    _AIOHTTP_SERVER_LOG.addFilter(_MalformedRequestLog())
 StoreLookup = Callable[[Sequence[str]], Awaitable[Sequence[bool]]]
 Replicator = Callable[[Sequence[str], Instance], Awaitable[None]]
 """Make a replica of each key on the store node next to the instance (hot-spot replication)."""
@@ -73,6 +94,10 @@ class ProxySettings:
     api_key: str | None = None
     max_in_flight: int = 1024
     max_body_bytes: int = 16 << 20
+    body_timeout: float = 30.0
+    """Longest a client may take to send its request body (408 after it). A request counts
+    towards ``max_in_flight`` only once its body is in, so clients that send headers and then
+    withhold the body cannot fill the proxy's slots; this bounds how long they hold a socket."""
     request_timeout: float = 600.0
     """Bound of one whole upstream exchange (a stream included)."""
     connect_timeout: float = 5.0
@@ -370,6 +395,20 @@ class Proxy:
     async def _serve(self, request: web.Request, path: str, chat: bool) -> web.StreamResponse:
         started = time.perf_counter()
         endpoint = "chat" if chat else "completions"
+        try:
+            async with asyncio.timeout(self.settings.body_timeout):
+                body, raw = await self._read_body(request)
+        except TimeoutError:
+            response = _error(408, f"request body not received within "
+                                   f"{self.settings.body_timeout:g}s", "timeout")
+            response.force_close()  # the rest of the body may still come: drop the connection
+            return self._count(endpoint, response)
+        except web.HTTPRequestEntityTooLarge:
+            return self._count(endpoint, _error(413, "request body too large"))
+        except BadRequest as exc:
+            return self._count(endpoint, _error(400, str(exc)))
+        except LookupError as exc:
+            return self._count(endpoint, _error(404, str(exc), "model_not_found"))
         if self._in_flight >= self.settings.max_in_flight:
             self.metrics.requests.labels(endpoint=endpoint, status="503").inc()
             return _error(503, "proxy overloaded: too many requests in flight", "overloaded")
@@ -377,14 +416,9 @@ class Proxy:
         request_id = request.headers.get("X-Request-Id") or f"mc-{uuid.uuid4().hex}"
         try:
             try:
-                body, raw = await self._read_body(request)
                 prompt = self.hasher.analyze(body, chat)
-            except web.HTTPRequestEntityTooLarge:
-                return self._count(endpoint, _error(413, "request body too large"))
             except BadRequest as exc:
                 return self._count(endpoint, _error(400, str(exc)))
-            except LookupError as exc:
-                return self._count(endpoint, _error(404, str(exc), "model_not_found"))
             response = await self._route_and_forward(request, path, body, raw, prompt,
                                                      request_id, started)
             return self._count(endpoint, response)

@@ -53,6 +53,11 @@ def build_parser() -> argparse.ArgumentParser:
       help="require 'Authorization: Bearer KEY' from clients (env MOONCAKE_PROXY_API_KEY)")
     a("--max-in-flight", "--max_in_flight", type=int, default=1024,
       help="requests in flight before answering 503")
+    a("--max-body-bytes", "--max_body_bytes", type=int, default=16 << 20,
+      help="largest request body accepted (413 beyond it)")
+    a("--body-timeout", "--body_timeout", type=float, default=30.0,
+      help="seconds a client may take to send its request body (408 after it); a request "
+           "counts towards --max-in-flight only once its body is in")
     a("--index-capacity-blocks", "--index_capacity_blocks", type=int, default=1_000_000,
       help="blocks remembered per instance (LRU beyond it), so memory stays bounded")
     a("--request-timeout", "--request_timeout", type=float, default=600.0,
@@ -119,6 +124,8 @@ async def _run(args: argparse.Namespace) -> None:
         _instances(args),
         settings=ProxySettings(host=args.host, port=args.port, api_key=args.api_key,
                                max_in_flight=args.max_in_flight,
+                               max_body_bytes=args.max_body_bytes,
+                               body_timeout=args.body_timeout,
                                index_capacity_blocks=args.index_capacity_blocks,
                                request_timeout=args.request_timeout,
                                connect_timeout=args.connect_timeout,
