@@ -55,12 +55,18 @@ def _expected(arr: np.ndarray, block: int) -> bytes:
     return b"".join(arr[layer, block].tobytes() for layer in range(LAYERS))
 
 
+def _write_layers(sp: StagedPut, h, keys: list[str], arr: np.ndarray, base: int,
+                  layers=range(LAYERS)) -> None:
+    """Write ``layers`` of block ``b`` of ``arr`` into object ``keys[b]``, one layer at a time."""
+    for layer in layers:
+        sp.write_many(h, [(key, layer * PAGE, [(base + arr[layer, b].ctypes.data - arr.ctypes.data, PAGE)])
+                          for b, key in enumerate(keys)])
+
+
 def _stage_layer_by_layer(sp: StagedPut, keys: list[str], arr: np.ndarray, base: int,
                           order=range(LAYERS)):
     h = sp.begin(keys, [LAYERS * PAGE] * len(keys))
-    for layer in order:
-        sp.write_many(h, [(key, layer * PAGE, [(base + arr[layer, b].ctypes.data - arr.ctypes.data, PAGE)])
-                          for b, key in enumerate(keys)])
+    _write_layers(sp, h, keys, arr, base, order)
     return h
 
 
@@ -163,12 +169,9 @@ def test_bad_input_is_refused_before_anything_moves(writer):
 def test_writes_after_the_window_are_dropped_and_the_put_revoked(writer, reader):
     arr, base = _pages(writer, 1, seed=6)
     sp = StagedPut(writer, window_s=0.2)
-    h = sp.begin(["staged/late"], [LAYERS * PAGE])
-    sp.write_many(h, [("staged/late", 0, [(base, PAGE)])])
+    h = _stage_layer_by_layer(sp, ["staged/late"], arr, base, order=[0])
     time.sleep(0.4)
-    for layer in range(1, LAYERS):
-        off = arr[layer].ctypes.data - arr.ctypes.data
-        sp.write_many(h, [("staged/late", layer * PAGE, [(base + off, PAGE)])])
+    _write_layers(sp, h, ["staged/late"], arr, base, range(1, LAYERS))
     (err,) = sp.commit(h)
     assert isinstance(err, StoreError) and "window" in str(err)
     assert reader.batch_exists(["staged/late"]) == [False]
@@ -184,20 +187,14 @@ def test_the_masters_put_timeout_bounds_a_window_set_too_long():
         try:
             arr, base = _pages(c, 1, seed=9)
             sp = StagedPut(c, window_s=30)
-            h = sp.begin(["staged/bounded"], [LAYERS * PAGE])
-            sp.write_many(h, [("staged/bounded", 0, [(base, PAGE)])])
+            h = _stage_layer_by_layer(sp, ["staged/bounded"], arr, base, order=[0])
             time.sleep(0.8)  # past half the master's 1 s, well inside the configured 30 s
-            for layer in range(1, LAYERS):
-                off = arr[layer].ctypes.data - arr.ctypes.data
-                sp.write_many(h, [("staged/bounded", layer * PAGE, [(base + off, PAGE)])])
+            _write_layers(sp, h, ["staged/bounded"], arr, base, range(1, LAYERS))
             (err,) = sp.commit(h)
             assert isinstance(err, StoreError) and "window" in str(err)
             assert c.batch_exists(["staged/bounded"]) == [False]
             # Within the bound the same staged put publishes.
-            h = sp.begin(["staged/bounded2"], [LAYERS * PAGE])
-            for layer in range(LAYERS):
-                off = arr[layer].ctypes.data - arr.ctypes.data
-                sp.write_many(h, [("staged/bounded2", layer * PAGE, [(base + off, PAGE)])])
+            h = _stage_layer_by_layer(sp, ["staged/bounded2"], arr, base)
             assert sp.commit(h) == [None]
             assert c.get("staged/bounded2") == _expected(arr, 0)
         finally:
