@@ -202,3 +202,25 @@ def test_peer_that_is_not_an_rpc_server():
     finally:
         t.join(5)
         listener.close()
+
+
+def test_busy_poll_gets_prompt_and_late_replies_and_leaves_the_socket_blocking(server_loop):
+    """A client that polls for its reply (busy_poll) still gets one that comes after the poll
+    window, and a call without a deadline finds its socket blocking again afterwards (a
+    multi-read frame would otherwise fail with BlockingIOError)."""
+    srv, port = _serve(server_loop)
+    try:
+        with BlockingRpcClient("127.0.0.1", port, busy_poll=0.002) as client:
+            for seq in range(20):  # prompt: answered inside the poll window
+                assert client.call("echo", Echo(seq), Echo, timeout=5).seq == seq
+            late = client.call("sleep", Sleep(0.05), Sleep, timeout=5)  # after the window
+            assert late == Sleep(0.05)
+            big = bytes(range(256)) * 2048  # 512 KiB: many reads after the polled first one
+            assert client.call("echo_async", Echo(8, big), Echo, timeout=None).payload == big
+            conn = client._local.conn
+            assert conn.sock.gettimeout() is None
+            with pytest.raises(RpcTimeoutError):  # deadlines still hold while polling
+                client.call("sleep", Sleep(2.0), Sleep, timeout=0.2)
+            assert client.call("echo", Echo(9), Echo, timeout=5).seq == 9
+    finally:
+        srv.stop_in()

@@ -8,7 +8,7 @@ import time
 import pytest
 
 from _store_util import MIB, master_process, new_client
-from store.client import MasterErrorCode, StoreError
+from store.client import MasterErrorCode, StoreError, direct
 from store.client.errors import BUFFER_NOT_REGISTERED, RPC_FAIL
 from store.master import ReplicateConfig
 from transfer.memory import memory_at
@@ -174,9 +174,12 @@ def test_checksums_on_the_caller_thread(master):
         holder.close()
 
 
-def test_mid_size_puts_split_across_streams_keep_every_byte(master):
+@pytest.mark.parametrize("few_cores", [False, True], ids=["split", "one-stream"])
+def test_mid_size_puts_split_across_streams_keep_every_byte(master, monkeypatch, few_cores):
     """Puts between the small-path limit and 4 MiB are written as pieces side by side
-    (store.client.direct._write); odd sizes and the checksum trailer cross piece borders."""
+    (store.client.direct._write) on hosts with cores to spare, else as one exchange on one
+    stream; odd sizes and the checksum trailer cross piece borders."""
+    monkeypatch.setattr(direct, "_FEW_CORES", few_cores)
     holder = new_client(master, checksum=True)
     user = new_client(master, checksum=True, global_segment_size=0)
     try:
@@ -188,10 +191,12 @@ def test_mid_size_puts_split_across_streams_keep_every_byte(master):
         for i, n in enumerate((MIB, (512 << 10) + 1, size)):
             value = _pattern(n, 10 + i)
             memory_at(addr, n)[:] = value
-            user.put_from(f"split/{i}", addr, n)
+            key = f"split/{few_cores}/{i}"
+            user.put_from(key, addr, n)
             assert user.direct.hits == hits + i + 1  # stored on the caller-thread path
-            assert holder.get(f"split/{i}") == value  # through the loop path, verified
-        assert user.direct._writers is not None  # the pieces did run side by side
+            assert holder.get(key) == value  # through the loop path, verified
+        # split: the pieces ran side by side; one stream: no helper thread was ever needed
+        assert (user.direct._writers is not None) is not few_cores
         user.unregister(addr)
     finally:
         user.close()
@@ -224,5 +229,45 @@ def test_master_restart_and_short_retry_timeout():
                     raise
                 time.sleep(0.2)
         assert user.get("rs/3") == b"after"
+        user.close()
+        holder.close()
+
+
+def test_large_values_move_as_one_exchange_on_hosts_with_few_cores(monkeypatch):
+    """With few cores a put or get of up to 64 MiB is one exchange on one stream, on the
+    caller's thread: the engine's loop path (parallel streams) is never entered."""
+    monkeypatch.setattr(direct, "_FEW_CORES", True)
+    with master_process() as master:  # its own: the holder is the only segment
+        _one_exchange_round_trip(master, monkeypatch)
+
+
+def _one_exchange_round_trip(master: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    holder = new_client(master, checksum=True)
+    user = new_client(master, checksum=True, global_segment_size=0)
+    try:
+        assert user.direct is not None
+        user.put("one/warm", b"w" * 100)  # the first transfer to a segment fetches its descriptor
+        loop_batches = []
+        general = user.engine.transfer
+
+        def counted(requests, **kwargs):
+            loop_batches.append(len(requests))
+            return general(requests, **kwargs)
+
+        monkeypatch.setattr(user.engine, "transfer", counted)
+        size = 9 * MIB + 3
+        buf = (ctypes.c_char * (2 * size + 64))()
+        addr = user.register(buf)
+        value = _pattern(size, 21)
+        memory_at(addr, size)[:] = value
+        hits = user.direct.hits
+        user.put_from("one/big", addr, size)
+        assert user.get_into("one/big", addr + size + 64, size) == size
+        assert bytes(memory_at(addr + size + 64, size)) == value
+        assert user.direct.hits == hits + 2
+        assert loop_batches == []
+        assert holder.get("one/big") == value  # the holder's loop path agrees, verified
+        user.unregister(addr)
+    finally:
         user.close()
         holder.close()

@@ -276,3 +276,68 @@ async def test_wrong_secret_on_data_port_is_refused() -> None:
             finally:
                 await t.close()
         assert not dst.any()
+
+
+# -- socket primitives: kernel timeouts, whole-payload receives, polling for answers ------------
+
+
+def _later(seconds: float, fn) -> None:  # type: ignore[no-untyped-def]
+    import threading
+
+    t = threading.Timer(seconds, fn)
+    t.daemon = True
+    t.start()
+
+
+def test_kernel_timeout_socket_waits_idle_but_bounds_a_started_request() -> None:
+    """The server's sockets: idle before a request's first byte as long as the peer likes, but
+    once a header has started the rest must come within the timeout (a stalled peer raises)."""
+    from transfer.transports.tcp import _await_request, _kernel_timeouts, _recv_exact
+
+    a, b = socket.socketpair()
+    with a, b:
+        _kernel_timeouts(a, 0.1)
+        assert a.gettimeout() is None  # blocking: no poll per call
+        head = bytearray(24)
+        _later(0.35, lambda: b.sendall(bytes(range(24))))  # idle for > 3 timeouts first
+        _await_request(a, memoryview(head))
+        assert head == bytes(range(24))
+        b.sendall(b"\x01" * 10)  # a header's first 10 bytes, then nothing
+        t0 = time.monotonic()
+        with pytest.raises(OSError):
+            _await_request(a, memoryview(head))
+        assert time.monotonic() - t0 < 2.0
+        payload = bytearray(1 << 20)
+        chunks = [bytes([i]) * (1 << 18) for i in range(4)]
+        for i, c in enumerate(chunks):  # arriving in pieces, each within the timeout
+            _later(0.02 * (i + 1), lambda c=c: b.sendall(c))
+        _recv_exact(a, memoryview(payload))
+        assert payload == b"".join(chunks)
+
+
+def test_polling_receive_gets_prompt_and_late_answers_and_sees_a_close() -> None:
+    from transfer.transports.tcp import _kernel_timeouts, _recv_exact_polling
+
+    a, b = socket.socketpair()
+    with a, b:
+        _kernel_timeouts(a, 2.0)
+        got = bytearray(16)
+        b.sendall(b"p" * 16)
+        _recv_exact_polling(a, memoryview(got), 0.01)  # already there
+        assert got == b"p" * 16
+        _later(0.05, lambda: b.sendall(b"q" * 16))  # after the poll window: sleeps for it
+        _recv_exact_polling(a, memoryview(got), 0.001)
+        assert got == b"q" * 16
+        _later(0.002, lambda: b.sendall(b"r" * 8))  # half inside the window, half after it
+        _later(0.05, lambda: b.sendall(b"s" * 8))
+        _recv_exact_polling(a, memoryview(got), 0.01)
+        assert got == b"r" * 8 + b"s" * 8
+        _later(0.005, b.close)
+        with pytest.raises(ConnectionError):
+            _recv_exact_polling(a, memoryview(got), 0.5)
+    c, d = socket.socketpair()
+    with c, d:
+        c.settimeout(1.0)  # a socket with Python's timeout (TLS, loop-owned) just receives
+        d.sendall(b"t" * 16)
+        _recv_exact_polling(c, memoryview(got), 0.01)
+        assert got == b"t" * 16

@@ -45,7 +45,7 @@ from transfer.metadata import (DescriptorCache, MetadataError, open_metadata_sto
                                parse_metadata_server, segment_key)
 from transfer.rpc import BackgroundLoop, RpcError, get_background_loop
 from transfer.shm import HostProbe, SharedBuffer, reap_stale
-from transfer.smallpath import SmallTcpPath
+from transfer.smallpath import SMALL_BATCH_BYTES, SmallTcpPath
 from transfer.staging import Staging
 from transfer.transports.base import Opcode, Transport
 from transfer.transports.file import FileTransport
@@ -145,7 +145,7 @@ class Engine(Registration):
         self._transports["tcp"] = TcpTransport(
             self.registry, host=host, secret=cfg.auth_secret, streams_per_peer=t.streams_per_peer,
             io_timeout=t.io_timeout, connect_timeout=cfg.rpc.connect_timeout,
-            region_io=self._staging.region_io(), tls=tls)
+            region_io=self._staging.region_io(), tls=tls, busy_poll=t.busy_poll_us / 1e6)
         self._small = SmallTcpPath(self.registry, self._transports["tcp"], self._choose,
                                    t.io_timeout)
         if t.enable_shm:  # same-host shortcuts: both trust the /dev/shm probe
@@ -368,10 +368,12 @@ class Engine(Registration):
         return batch.results  # final: nobody mutates them any more
 
     def transfer_blocking(self, requests: Sequence[TransferRequest], *,
-                          timeout: float | None = None) -> list[RequestResult]:
+                          timeout: float | None = None,
+                          one_stream_bytes: int = SMALL_BATCH_BYTES) -> list[RequestResult]:
         """:meth:`transfer` for a thread that is not the loop's. An shm fast-path batch or a
-        small tcp batch to a known peer runs right on this thread (no hop to the loop and
-        back, ~100 us here); anything else, including every error, takes the loop's path."""
+        tcp batch of up to ``one_stream_bytes`` to a known peer runs right on this thread, as
+        one exchange on one stream (no hop to the loop and back, ~100 us here); anything else,
+        including every error, takes the loop's path (parallel streams, slicing, retries)."""
         first = requests[0] if requests else None
         if type(first) is TransferRequest and self._running and isinstance(first.segment, str):
             peer = self._cache.lookup(first.segment)
@@ -381,7 +383,8 @@ class Engine(Registration):
                     if plan is not None:
                         return list(map(RequestResult, itertools.repeat(RequestStatus.COMPLETED),
                                         plan.lengths))
-                if self._small is not None and self._small.try_blocking(requests, peer):
+                if self._small is not None and self._small.try_blocking(requests, peer,
+                                                                        one_stream_bytes):
                     return [RequestResult(RequestStatus.COMPLETED, r.length) for r in requests]
         return self.run(self.transfer(requests, timeout=timeout), timeout)
 

@@ -77,8 +77,10 @@ class SmallTcpPath:
         self._io_timeout = io_timeout
         self._loop_streams: dict[tuple[str, int], _LoopStream] = {}
 
-    def plan(self, requests: Sequence[TransferRequest], peer: PeerSegment) -> list[Slice] | None:
-        """Coalesced slices for ``requests`` if the whole batch qualifies, else ``None``.
+    def plan(self, requests: Sequence[TransferRequest], peer: PeerSegment,
+             max_bytes: int = SMALL_BATCH_BYTES) -> list[Slice] | None:
+        """Coalesced slices for ``requests`` if the whole batch qualifies (at most ``max_bytes``
+        in all), else ``None``.
 
         Only reads shared state that is swapped atomically, so any thread may call it.
         """
@@ -95,7 +97,7 @@ class SmallTcpPath:
                     or type(la) is not int or type(ra) is not int or n <= 0:
                 return None
             total += n
-            if total > SMALL_BATCH_BYTES:
+            if total > max_bytes:
                 return None
             try:
                 local = self._registry.find(la, n)
@@ -113,9 +115,14 @@ class SmallTcpPath:
             slices.append(Slice(op, la, ra, n))
         return slices
 
-    def try_blocking(self, requests: Sequence[TransferRequest], peer: PeerSegment) -> bool:
-        """Plan and run ``requests`` on this thread; ``False``: use the general path."""
-        slices = self.plan(requests, peer)
+    def try_blocking(self, requests: Sequence[TransferRequest], peer: PeerSegment,
+                     max_bytes: int = SMALL_BATCH_BYTES) -> bool:
+        """Plan and run ``requests`` on this thread; ``False``: use the general path.
+
+        ``max_bytes`` may exceed :data:`SMALL_BATCH_BYTES` for a caller that knows one stream
+        is its best choice (see ``store.client.direct``); the blocking exchange has no size
+        limit of its own, only the loop's exchange does (it sends everything before reading)."""
+        slices = self.plan(requests, peer, max_bytes)
         return slices is not None and self.run_blocking(peer, slices)
 
     async def try_on_loop(self, requests: Sequence[TransferRequest], peer: PeerSegment) -> bool:
@@ -137,7 +144,7 @@ class SmallTcpPath:
                 if stream.sock is None:
                     stream.sock = self._tcp._connect(stream.host, stream.port)
                     self._tcp.reconnects += 1
-                self._tcp._pipeline(stream, slices)
+                self._tcp._pipeline(stream, slices, self._tcp.busy_poll)
                 return True
             except Exception:  # noqa: BLE001 - the general path redoes it and reports why
                 stream.drop()

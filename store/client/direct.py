@@ -19,6 +19,7 @@ memory is a per-thread registered buffer.
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Final, TypeVar
@@ -58,6 +59,19 @@ run side by side (see :meth:`CallerThreadPath._write`); larger ones take the eng
 path, whose parallel streams and slicing win there."""
 _WRITERS = 3
 """Helper threads for split writes: with the caller, one per stream of the tcp transport."""
+_ONE_STREAM_MAX = 64 << 20
+"""On a host with few cores, values up to this size move as one exchange on one stream."""
+_FEW_CORES = (os.cpu_count() or 1) < 4
+"""Whether parallel streams cost more than they bring here. Each stream keeps a sending
+thread here and a receiving one at the peer busy: with two cores, two streams put four busy
+threads (plus the kernel's loopback work) on them, and a 1 MiB write measured ~420 us split
+in two against ~340 us as one exchange (16 MiB: ~5.0 ms through the general path's four
+streams, ~4.4 ms as one exchange)."""
+
+
+def one_stream_bytes(total: int) -> int:
+    """The ``one_stream_bytes`` for a caller-thread transfer of ``total`` bytes."""
+    return total if _FEW_CORES and total <= _ONE_STREAM_MAX else SMALL_BATCH_BYTES
 
 
 class _Unreachable(Exception):
@@ -104,7 +118,8 @@ class CallerThreadPath:
                     rpc = self._rpc = BlockingRpcClient(
                         host, port, **master_credentials(cfg),
                         max_frame_size=cfg.rpc.max_frame_size,
-                        connect_timeout=cfg.rpc.connect_timeout)
+                        connect_timeout=cfg.rpc.connect_timeout,
+                        busy_poll=cfg.transfer.busy_poll_us / 1e6)
         return rpc
 
     def _master(self, method: str, request: msgspec.Struct, reply: type[R], *,
@@ -157,11 +172,13 @@ class CallerThreadPath:
         this thread with the GIL released in its syscalls, while a larger batch hops to the loop
         and a stream thread and back - a 1 MiB write took ~870 us that way against ~460 us as two
         512 KiB halves sent side by side over two streams. Each piece that finds no idle stream
-        simply takes the general path inside ``transfer_blocking``."""
+        simply takes the general path inside ``transfer_blocking``. On a host with few cores
+        (:data:`_FEW_CORES`) one stream is faster than any split, so nothing is split there."""
         timeout = self.core.transfer_timeout
         total = sum(r.length for r in reqs)
-        if total <= SMALL_BATCH_BYTES or total > _SPLIT_MAX:
-            self.engine.transfer_blocking(reqs, timeout=timeout)
+        if total <= SMALL_BATCH_BYTES or total > _SPLIT_MAX or _FEW_CORES:
+            self.engine.transfer_blocking(reqs, timeout=timeout,
+                                          one_stream_bytes=one_stream_bytes(total))
             return
         groups = _split(reqs, SMALL_BATCH_BYTES)
         with self._lock:
@@ -246,7 +263,9 @@ class CallerThreadPath:
                                             rep.address + size, TRAILER_SIZE))
                 trailer = scratch
         try:
-            self.engine.transfer_blocking(reqs, timeout=self.core.transfer_timeout)
+            self.engine.transfer_blocking(
+                reqs, timeout=self.core.transfer_timeout,
+                one_stream_bytes=one_stream_bytes(sum(r.length for r in reqs)))
         except Exception:  # noqa: BLE001 - the loop path retries and reports why
             self.core.locations.invalidate(key)
             return False

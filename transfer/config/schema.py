@@ -245,6 +245,15 @@ class TransferConfig(Section):
         metavar="N",
     )
     io_timeout: float = _timeout(10.0, "how long a data connection may stall before it fails")
+    busy_poll_us: int = setting(
+        200,
+        help="how long a caller waiting on its own thread for a small reply (a master call, a "
+        "data-port answer) polls before it sleeps, in microseconds; 0 never polls. Polling "
+        "skips the wake-up of a sleeping thread, which on virtual machines costs tens of "
+        "microseconds per reply",
+        parse=partial(to_int, lo=0, hi=100_000),
+        metavar="US",
+    )
 
 
 @dataclass(frozen=True)

@@ -37,6 +37,7 @@ import socket
 import ssl
 import struct
 import threading
+import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -64,6 +65,8 @@ _MAX_ERROR_TEXT = 4096
 _SOCK_BUF = 4 << 20
 _PIPELINE = 8
 _MAX_SERVER_CONNECTIONS = 512
+_WAITALL = getattr(socket, "MSG_WAITALL", 0)
+_DONTWAIT = getattr(socket, "MSG_DONTWAIT", 0)
 
 #: ``(region, remote address, view) -> None``: device/file access the server cannot do with a
 #: plain memoryview (CUDA staging); installed by the engine.
@@ -75,11 +78,73 @@ class _RemoteError(Exception):
 
 
 def _recv_exact(sock: socket.socket, view: memoryview) -> None:
+    """Fill ``view``. On a plain blocking socket (see :func:`_kernel_timeouts`) one
+    ``MSG_WAITALL`` call takes the whole payload: one syscall and one GIL release instead of a
+    poll and a partial read per segment."""
+    flags = _WAITALL if sock.gettimeout() is None and type(sock) is socket.socket else 0
     while view:
-        n = sock.recv_into(view)
+        n = sock.recv_into(view, len(view), flags)
         if n == 0:
             raise ConnectionError("peer closed the connection")
         view = view[n:]
+
+
+def _recv_exact_polling(sock: socket.socket, view: memoryview, poll_s: float) -> None:
+    """:func:`_recv_exact`, first polling for up to ``poll_s`` seconds before sleeping.
+
+    Why: a thread that sleeps on a reply is woken by the kernel when it comes; on a virtual
+    machine whose other CPU is idle that wake-up costs tens of microseconds, as much as a
+    loopback round trip itself. A caller that will wait only briefly does better to ask again
+    and again (a non-blocking receive, GIL released in each) until the reply is there. Only
+    plain blocking sockets poll (see :func:`_kernel_timeouts`); anything else just receives.
+    """
+    if poll_s > 0 and view and sock.gettimeout() is None and type(sock) is socket.socket:
+        clock = time.perf_counter
+        end = clock() + poll_s
+        while True:
+            try:
+                n = sock.recv_into(view, len(view), _DONTWAIT)
+            except BlockingIOError:
+                if clock() < end:
+                    continue
+                break
+            if n == 0:
+                raise ConnectionError("peer closed the connection")
+            view = view[n:]
+            break
+    _recv_exact(sock, view)
+
+
+def _await_request(sock: socket.socket, head: memoryview) -> None:
+    """Receive a request header on a kernel-timeout socket, idle as long as the peer likes
+    before its first byte (a receive timing out with nothing read is just idleness)."""
+    while True:
+        try:
+            n = sock.recv_into(head, len(head), _WAITALL)
+        except (BlockingIOError, TimeoutError):
+            continue
+        if n == 0:
+            raise ConnectionError("peer closed the connection")
+        if n < len(head):
+            _recv_exact(sock, head[n:])
+        return
+
+
+def _kernel_timeouts(sock: socket.socket, seconds: float) -> None:
+    """Make ``sock`` blocking with kernel-side send/receive timeouts (``SO_RCVTIMEO``,
+    ``SO_SNDTIMEO``).
+
+    Why not ``settimeout``: Python implements it with a non-blocking socket and a ``poll``
+    before every call, so each request costs extra syscalls and a bulk receive comes back one
+    segment at a time. A blocking socket with kernel timeouts still never waits longer than
+    ``seconds`` per call (a stalled peer raises ``BlockingIOError``, an ``OSError``) and can take
+    a whole payload in one ``MSG_WAITALL`` receive.
+    """
+    sock.settimeout(None)
+    whole = int(seconds)
+    tv = struct.pack("ll", whole, int((seconds - whole) * 1e6))
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, tv)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, tv)
 
 
 def _send(sock: socket.socket, head: bytes, payload: memoryview | None = None) -> None:
@@ -166,7 +231,8 @@ class _Server:
                     self._conns.add(conn)
             if not self._handshake(conn):
                 return
-            conn.settimeout(None)  # idle streams are fine; a peer's death closes the socket
+            if conn is raw:
+                _kernel_timeouts(conn, self._io_timeout)
             self._serve_requests(conn, _sender(conn))
         except (OSError, ConnectionError) as e:
             logger.debug("data connection closed: %s", e)
@@ -201,14 +267,18 @@ class _Server:
         head = bytearray(_REQ.size)
         head_view = memoryview(head)
         scratch: bytearray | None = None
+        kernel = conn.gettimeout() is None  # plain TCP: kernel timeouts, see _kernel_timeouts
         while True:
             # Idle between requests is fine (persistent streams); stalling inside one is not:
             # once a request's first byte arrives, the rest must follow within io_timeout, or a
             # silent peer would hold this server thread forever.
-            conn.settimeout(None)
-            _recv_exact(conn, head_view[:1])
-            conn.settimeout(self._io_timeout)
-            _recv_exact(conn, head_view[1:])
+            if kernel:
+                _await_request(conn, head_view)
+            else:
+                conn.settimeout(None)
+                _recv_exact(conn, head_view[:1])
+                conn.settimeout(self._io_timeout)
+                _recv_exact(conn, head_view[1:])
             magic, op, _, tag, addr, length = _REQ.unpack(head)
             if (magic != _MAGIC or op not in (Opcode.READ, Opcode.WRITE)
                     or not 0 < length <= MAX_SLICE):
@@ -250,7 +320,7 @@ class _Server:
                     self._load(region, addr, staging)
                     send(conn, _RESP.pack(_MAGIC, _OK, 0, tag, length), staging)
         except (OSError, RuntimeError, ImportError) as e:
-            if isinstance(e, (ConnectionError, socket.timeout)):
+            if isinstance(e, (ConnectionError, socket.timeout, BlockingIOError)):
                 raise
             self._reply_error(conn, tag, _IO_ERROR, f"{type(e).__name__}: {e}")
 
@@ -334,9 +404,12 @@ class TcpTransport(Transport):
                  secret: bytes | None = None, streams_per_peer: int = 4,
                  io_timeout: float = 10.0, connect_timeout: float = 5.0,
                  region_io: tuple[RegionIO, RegionIO] | None = None,
-                 tls: TlsContexts | None = None) -> None:
+                 tls: TlsContexts | None = None, busy_poll: float = 0.0) -> None:
         self._registry = registry
         self.tls = tls
+        self.busy_poll = busy_poll
+        """Seconds a caller-thread exchange polls for each answer before sleeping (see
+        :func:`_recv_exact_polling`); the general path's worker threads never poll."""
         self._host = host
         self._bind_host = bind_host or host
         self._secret = auth.check_secret(secret)
@@ -413,14 +486,18 @@ class TcpTransport(Transport):
                 expected = auth.server_proof(self._secret, client_nonce, server_nonce)
                 if answer[0] != 1 or not auth.proof_matches(expected, bytes(answer[1:])):
                     raise _RemoteError(f"authentication with {host}:{port} failed")
-            sock.settimeout(self._io_timeout)
+            if self.tls is None:
+                _kernel_timeouts(sock, self._io_timeout)
+            else:
+                sock.settimeout(self._io_timeout)
             return sock
         except BaseException:
             sock.close()
             raise
 
-    def _pipeline(self, stream: _Stream, slices: Sequence[Slice]) -> None:
-        """Send up to ``_PIPELINE`` requests ahead of their responses (order is preserved)."""
+    def _pipeline(self, stream: _Stream, slices: Sequence[Slice], poll: float = 0.0) -> None:
+        """Send up to ``_PIPELINE`` requests ahead of their responses (order is preserved);
+        ``poll``: seconds to poll for each response before sleeping."""
         sock = stream.sock
         assert sock is not None
         send = _sender(sock)
@@ -441,7 +518,7 @@ class TcpTransport(Transport):
                 inflight.append((tag, s))
                 continue
             tag, s = inflight.pop(0)
-            _recv_exact(sock, resp_view)
+            _recv_exact_polling(sock, resp_view, poll)
             magic, status, _, rtag, length = _RESP.unpack(resp)
             if magic != _MAGIC or rtag != tag:
                 raise ConnectionError("response out of sync (bad magic or tag)")
