@@ -192,8 +192,10 @@ class SmallTcpPath:
 
     async def _exchange(self, loop: asyncio.AbstractEventLoop, stream: _LoopStream,
                         sock: socket.socket, slices: Sequence[Slice]) -> None:
-        # Everything is sent before the first response is read: the batch is bounded by
-        # SMALL_BATCH_BYTES, far below the socket buffers, so neither side can stall.
+        # Everything is sent before the first response is read. Neither side can stall: the
+        # server answers a write with 16 bytes once its payload is in (at most _MAX_REQUESTS
+        # answers, far below any receive buffer), and reads send only their small requests
+        # before the first answer is read.
         tags = []
         for s in slices:
             tag = stream.next_tag
