@@ -13,7 +13,6 @@ import contextlib
 import json
 import os
 import socket
-import struct
 import subprocess
 import sys
 import tempfile
@@ -25,6 +24,8 @@ from typing import Any
 import psutil
 import yaml
 from hypothesis import strategies as st
+
+from transfer.transports.tcp import _REQ, _RESP  # the data plane's wire format under test
 
 CALL_BOUND_S = 5.0
 """Every single call against a live server must finish (answer or close) within this."""
@@ -390,8 +391,6 @@ def _tail(path: str, n: int = 2000) -> str:
 
 # -- the TCP data plane ------------------------------------------------------------------------
 
-_REQ = struct.Struct("!HBBIQQ")
-_RESP = struct.Struct("!HBBIQ")
 
 
 @dataclass

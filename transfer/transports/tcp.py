@@ -12,8 +12,13 @@ Wire format (all integers big-endian)::
                 server -> WELCOME "MCTD" u8 auth_required, 32-byte server nonce
                 if auth_required: client -> 32-byte HMAC proof;
                                   server -> u8 ok + 32-byte server proof (or u8 0 and close)
-    request     u16 magic, u8 opcode, u8 0, u32 tag, u64 remote_addr, u64 length [+ payload]
+    request     u16 magic, u8 opcode, u8 0, u32 tag, u64 remote_addr, u64 length,
+                8 zero bytes [+ payload]
     response    u16 magic, u8 status, u8 0, u32 tag, u64 length [+ payload or error text]
+
+The request header is padded to 32 bytes on purpose: the payload's offset in the stream decides
+how the receiver's kernel copy lines up, and after a 24-byte header four parallel 16 MiB writes
+took 1.3-1.4x as long as after a 32- or 64-byte one (bare sockets, same sender, this machine).
 
 The server checks ``[remote_addr, remote_addr + length)`` against its registry *before* touching
 memory. A WRITE to a bad range has its payload drained (bounded by ``MAX_SLICE``) and gets an
@@ -52,12 +57,12 @@ __all__ = ["MAX_SLICE", "PROTOCOL_VERSION", "TcpTransport"]
 
 logger = logging.getLogger(__name__)
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # 2: 32-byte request header
 MAX_SLICE = 256 << 20
 _MAGIC = 0x4D43
 _HELLO = struct.Struct("!4sH32s")
 _WELCOME = struct.Struct("!4sB32s")
-_REQ = struct.Struct("!HBBIQQ")
+_REQ = struct.Struct("!HBBIQQ8x")
 _RESP = struct.Struct("!HBBIQ")
 _TAG = b"MCTD"
 _OK, _BAD_RANGE, _IO_ERROR, _BAD_REQUEST = 0, 1, 2, 3
