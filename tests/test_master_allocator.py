@@ -95,3 +95,37 @@ def test_request_larger_than_the_segment_is_out_of_space_not_a_crash():
     with pytest.raises(OutOfSpace):
         alloc.allocate(1 << 30)
     assert alloc.allocate(1 << 20) == 0  # still fully usable
+
+
+@settings(max_examples=100, deadline=None)
+@given(pieces=st.lists(st.integers(1, 3000), min_size=1, max_size=40),
+       order=st.randoms(use_true_random=False))
+def test_carving_pieces_off_a_block_keeps_each_freeable(pieces: list[int], order) -> None:
+    """Space reserved ahead is one allocation that objects are cut from, front first; each
+    piece, and the rest, must then be freeable on its own, in any order."""
+    alloc = OffsetAllocator(CAPACITY, 64)
+    block = alloc.allocate(sum(alloc.allocation_size(p) for p in pieces) + 64)
+    front, cut = block, []
+    for p in pieces:
+        rest = alloc.carve(front, p)
+        assert rest == front + alloc.allocation_size(p)
+        cut.append(front)
+        front = rest
+        _check_invariants(alloc)
+    cut.append(front)  # the rest
+    order.shuffle(cut)
+    for offset in cut:
+        alloc.free_range(offset)
+        _check_invariants(alloc)
+    assert alloc.used == 0 and alloc.free_list() == [(0, CAPACITY)]
+
+
+def test_carve_refuses_what_it_cannot_split() -> None:
+    alloc = OffsetAllocator(1 << 20, 64)
+    at = alloc.allocate(4096)
+    with pytest.raises(ValueError):
+        alloc.carve(at, 4096)  # nothing would be left
+    with pytest.raises(ValueError):
+        alloc.carve(at, 0)
+    with pytest.raises(KeyError):
+        alloc.carve(at + 64, 64)  # not the start of an allocation

@@ -70,6 +70,8 @@ def test_embedded_mode_serves_metadata_metrics_and_rpc(
     with urllib.request.urlopen(f"http://127.0.0.1:{metrics}/metrics", timeout=5) as r:
         text = r.read().decode()
     assert "mooncake_master_objects 1.0" in text
+    assert "mooncake_master_reserved_bytes 0.0" in text
+    assert "mooncake_master_reserved_puts_total 0.0" in text
     assert "mooncake_master_stored_bytes 4096.0" in text
     assert 'mooncake_master_segment_used_bytes{segment="n1",tier="memory"} 4096.0' in text
     assert 'mooncake_master_op_latency_seconds_count{op="put_start"} 1.0' in text

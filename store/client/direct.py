@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import os
 import threading
+import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Final, TypeVar
 
@@ -29,13 +30,14 @@ import msgspec
 from store.master import ReplicaDesc, ReplicateConfig
 from store.master.messages import (BatchExistsReply, BatchGetReplicaListReply,
                                    BatchKeysRequest, BatchPutStartReply, BatchPutStartRequest,
-                                   CodesReply, KeysRequest, OwnedKeysRequest)
+                                   CodesReply, KeysRequest, OkReply, OwnedKeysRequest,
+                                   PutCommitRequest, ReserveReply, ReserveRequest)
 from store.master.tenants import master_credentials
 from transfer.batch import TransferRequest
 from transfer.config import split_address
 from transfer.errors import AddressError
 from transfer.memory import memory_at
-from transfer.rpc import BlockingRpcClient, RpcConnectionError, RpcError
+from transfer.rpc import BlockingRpcClient, ErrorCode, RpcConnectionError, RpcError
 from transfer.smallpath import SMALL_BATCH_BYTES
 from transfer.transports.base import Opcode
 
@@ -43,6 +45,7 @@ from .core import AsyncStoreClient, _check_key
 from .errors import TRANSFER_FAIL, MasterErrorCode, StoreError, as_store_error
 from .integrity import TRAILER_SIZE, check_trailer, make_trailer
 from .locations import order_replicas
+from .reserved import MAX_RESERVED_OBJECT, Held, eligible
 from .transfers import plan
 
 __all__ = ["FALLBACK", "CallerThreadPath"]
@@ -57,6 +60,8 @@ _SPLIT_MAX = 4 << 20
 """Writes above :data:`SMALL_BATCH_BYTES` and up to this size are split into small-path pieces
 run side by side (see :meth:`CallerThreadPath._write`); larger ones take the engine's general
 path, whose parallel streams and slicing win there."""
+_KEY_REFUSALS = (MasterErrorCode.OBJECT_ALREADY_EXISTS, MasterErrorCode.OBJECT_PUT_IN_PROGRESS,
+                 MasterErrorCode.INVALID_KEY)
 _WRITERS = 3
 """Helper threads for split writes: with the caller, one per stream of the tcp transport."""
 _FEW_CORES = (os.cpu_count() or 1) < 4
@@ -94,6 +99,10 @@ class CallerThreadPath:
         self._lock = threading.Lock()
         self._scratch: list[Any] = []
         self._writers: ThreadPoolExecutor | None = None
+        self._reserve_ahead = core.config.store.reserve_ahead
+        """Bytes asked for ahead of puts (0: every put is two-phase); see :mod:`.reserved`."""
+        self._reserve_after = 0.0
+        """When a master with no space to spare may be asked again (monotonic)."""
 
     # -- plumbing -----------------------------------------------------------------------------
 
@@ -362,6 +371,9 @@ class CallerThreadPath:
         if trailer is not None:
             pieces = [*pieces, (trailer, TRAILER_SIZE)]
         stored = size + (TRAILER_SIZE if trailer is not None else 0)
+        if self._reserve_ahead and stored <= MAX_RESERVED_OBJECT and eligible(config):
+            if self._put_reserved(key, pieces, stored, config):
+                return None
         try:
             reply = self._master("batch_put_start", BatchPutStartRequest(
                 client_id=core.client_id, keys=[key], sizes=[stored], config=config),
@@ -396,6 +408,64 @@ class CallerThreadPath:
         core.direct_puts.append((key, replicas))  # applied by the loop's next heartbeat tick
         self.hits += 1
         return None
+
+
+    # -- puts from reserved space (see .reserved) ------------------------------------------
+
+    def _put_reserved(self, key: str, pieces: list[tuple[int, int]], stored: int,
+                      config: ReplicateConfig) -> bool:
+        """Write at the front of this thread's reservation and commit: one master round trip.
+        ``False``: nothing was stored and the two-phase put should run (no reservation to be
+        had, or the commit was refused as not from a reservation this master knows)."""
+        core = self.core
+        held: Held | None = getattr(self._local, "held", None)
+        rep = held.take(stored) if held is not None else None
+        if rep is None:
+            held = self._reserve(stored, held.id if held is not None else 0)
+            rep = held.take(stored) if held is not None else None
+            if rep is None:
+                return False
+        assert held is not None
+        reqs, _ = plan(Opcode.WRITE, [(0, rep, 0, pieces)], core._local_segments)
+        try:
+            self._write(reqs)
+        except Exception as e:  # noqa: BLE001 - the space stays ours; the holder may be gone
+            self._local.held = None
+            raise StoreError(TRANSFER_FAIL, f"writing {key!r} failed: {e}") from None
+        request = PutCommitRequest(core.client_id, held.id, key, stored, rep.address, config)
+        try:
+            self._master("put_commit", request, OkReply, must_finish=True)
+        except RpcError as e:
+            if e.code not in _KEY_REFUSALS:  # the front is still ours after those
+                self._local.held = None
+            if e.code == MasterErrorCode.INVALID_PARAMS:  # not a reservation this master knows
+                return False
+            raise as_store_error(e) from None
+        held.advance(stored)
+        core.direct_puts.append((key, [(rep.segment, rep.address, stored)]))
+        self.hits += 1
+        return True
+
+    def _reserve(self, stored: int, release: int) -> Held | None:
+        """A new reservation for this thread (handing ``release``'s rest back), or ``None``."""
+        self._local.held = None
+        if time.monotonic() < self._reserve_after:
+            return None
+        request = ReserveRequest(self.core.client_id, max(self._reserve_ahead, 4 * stored),
+                                 release)
+        sent = time.monotonic()
+        try:
+            reply = self._master("reserve_space", request, ReserveReply, must_finish=False)
+        except _Unreachable:
+            return None
+        except RpcError as e:
+            if e.code in (ErrorCode.UNKNOWN_METHOD, MasterErrorCode.PERMISSION_DENIED):
+                self._reserve_ahead = 0  # an older or tenant-scoped master: two-phase only
+            else:  # no segment can spare the space now: ask again in a while
+                self._reserve_after = sent + 1.0
+            return None
+        held = self._local.held = Held(reply, sent)
+        return held
 
 
 def _split(reqs: list[TransferRequest], limit: int) -> list[list[TransferRequest]]:

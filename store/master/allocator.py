@@ -120,6 +120,23 @@ class OffsetAllocator:
         self._insert(start, end - start)
         return size
 
+    def carve(self, offset: int, size: int) -> int:
+        """Split the allocation at ``offset`` in two allocations: its first ``size`` bytes
+        (rounded up to the alignment) and the rest; returns the offset of the rest.
+
+        Why: space granted ahead to a writer (see ``store.master.grants``) is one allocation
+        that objects are cut from, front first; each piece must then be freeable on its own.
+        ``KeyError`` if nothing is allocated at ``offset``; ``ValueError`` if ``size`` does not
+        leave a non-empty rest.
+        """
+        block = self._allocated[offset]
+        need = self._round(size)
+        if not 0 < need < block:
+            raise ValueError(f"cannot carve {size} bytes off a {block}-byte allocation")
+        self._allocated[offset] = need
+        self._allocated[offset + need] = block - need
+        return offset + need
+
     def allocations(self) -> dict[int, int]:
         """A copy of ``{offset: size}`` of the live allocations."""
         return dict(self._allocated)

@@ -91,6 +91,7 @@ class ClientRegistry:
                            "unmounted", cid, self.client_ttl, len(client.segments))
         self.expired_clients += len(dead)
         reclaimed = store.reclaim_stale_puts(self.put_timeout, now)
+        store.reservations.expire(now)
         if reclaimed:
             logger.warning("reclaimed %d puts not ended within %.1fs", reclaimed, self.put_timeout)
         return SweepResult(dead, lost, reclaimed)

@@ -316,6 +316,38 @@ class CodesReply(msgspec.Struct):
 BatchPutEndReply = CodesReply
 
 
+class ReserveRequest(msgspec.Struct):
+    """Space ahead for ``client_id``'s next puts (see ``store.master.reservations``)."""
+
+    client_id: str
+    size: int
+    release: int = 0
+    """A reservation of this client whose rest goes back first (0: none)."""
+
+
+class ReserveReply(msgspec.Struct):
+    reservation: int
+    segment: str
+    address: int
+    """Where the first object goes (the reservation's front)."""
+    size: int
+    alignment: int
+    """Each object takes its size rounded up to this; the next one starts there."""
+    ttl_ms: int
+    """The reservation goes back this long after it was made; write into it for half that."""
+
+
+class PutCommitRequest(msgspec.Struct):
+    """Publish ``key``, already written at the front (``address``) of ``reservation``."""
+
+    client_id: str
+    reservation: int
+    key: str
+    size: int
+    address: int
+    config: ReplicateConfig = msgspec.field(default_factory=ReplicateConfig)
+
+
 class RemoveAllRequest(msgspec.Struct):
     force: bool = False
     """Also remove leased objects (never hard-pinned ones unless forced)."""

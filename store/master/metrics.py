@@ -38,6 +38,12 @@ class _StoreCollector:
         yield GaugeMetricFamily("mooncake_master_stored_bytes",
                                 "bytes of complete objects (one replica each)",
                                 value=store.stored_bytes)
+        yield GaugeMetricFamily("mooncake_master_reserved_bytes",
+                                "bytes reserved ahead for writers and not yet used",
+                                value=store.reservations.reserved_bytes)
+        yield CounterMetricFamily("mooncake_master_reserved_puts",
+                                  "puts committed from space reserved ahead",
+                                  value=store.reservations.commits)
         yield GaugeMetricFamily("mooncake_master_memory_capacity_bytes",
                                 "memory-tier capacity of all mounted segments",
                                 value=segs.memory_capacity)

@@ -26,6 +26,7 @@ from .errors import MasterError, MasterErrorCode
 from .messages import MountSegmentReply, RemountObject, ReplicaDesc, ReplicateConfig, SegmentDesc
 from .segments import Segment, SegmentTable, release, validate_segment
 from .allocator import OffsetAllocator
+from .reservations import Reservations
 
 if TYPE_CHECKING:
     from .demotion import Demotion
@@ -105,6 +106,8 @@ class ObjectStore:
         """Set by the demoter: an object being demoted was dropped (free its file space)."""
         self.on_drop: Callable[[str], None] | None = None
         """Set by the tenancy layer (:mod:`.tenants`): an object is gone (release its charge)."""
+        self.reservations = Reservations(self)
+        """Space reserved ahead for writers (see :mod:`.reservations`)."""
 
     # -- segments -----------------------------------------------------------------------------
 
@@ -164,6 +167,7 @@ class ObjectStore:
             raise MasterError(MasterErrorCode.INVALID_PARAMS,
                               f"segment {name!r} belongs to another client")
         self.segments.remove(name)
+        self.reservations.drop_segment(segment)
         owners, segment.owners = segment.owners, {}
         lost = 0
         for offset, key in owners.items():
@@ -194,12 +198,7 @@ class ObjectStore:
             raise MasterError(MasterErrorCode.INVALID_PARAMS,
                               f"object size {size} must be positive and fit a segment "
                               f"(largest is {largest} bytes)")
-        existing = self.objects.get(key)
-        if existing is not None:
-            if existing.complete:
-                raise MasterError(MasterErrorCode.OBJECT_ALREADY_EXISTS, f"{key!r} already exists")
-            raise MasterError(MasterErrorCode.OBJECT_PUT_IN_PROGRESS,
-                              f"a put of {key!r} is in progress")
+        self.check_new_key(key)
         preferred = _preferred(config)
         same_host = self._host_of(config, client_id) if config.prefer_alloc_in_same_node else None
         replicas = segs.place(key, size, replica_num, preferred, same_host)
@@ -210,15 +209,39 @@ class ObjectStore:
             raise MasterError(MasterErrorCode.NO_AVAILABLE_HANDLE,
                               f"no room for {replica_num} replica(s) of {size} bytes "
                               f"({len(segs.memory_segments())} memory segments mounted)")
-        soft = _soft_pin(config)
-        soft_until = 0.0
-        if soft:
-            ttl = config.soft_pin_ttl_ms / 1000.0 if config.soft_pin_ttl_ms > 0 else self.soft_pin_ttl
-            soft_until = now + ttl
-        meta = ObjectMeta(size, replicas, client_id, now, soft_until, config.with_hard_pin)
+        meta = ObjectMeta(size, replicas, client_id, now, self._soft_until(config, now),
+                          config.with_hard_pin)
         self.objects[key] = meta
         self.pending[key] = meta
         return meta.descriptors()
+
+    def check_new_key(self, key: str) -> None:
+        """A valid key that no object (complete or being put) has yet."""
+        check_key(key)
+        existing = self.objects.get(key)
+        if existing is not None:
+            if existing.complete:
+                raise MasterError(MasterErrorCode.OBJECT_ALREADY_EXISTS, f"{key!r} already exists")
+            raise MasterError(MasterErrorCode.OBJECT_PUT_IN_PROGRESS,
+                              f"a put of {key!r} is in progress")
+
+    def add_complete(self, key: str, client_id: str, size: int, segment: Segment, offset: int,
+                     config: ReplicateConfig) -> None:
+        """Record ``key`` as complete at ``offset`` of ``segment``, whose allocation there is
+        already the object's (a commit from a reservation; see :mod:`.reservations`)."""
+        now = self.clock()
+        segment.owners[offset] = key
+        meta = ObjectMeta(size, [(segment, offset)], client_id, now,
+                          self._soft_until(config, now), config.with_hard_pin)
+        meta.complete = True
+        self.objects[key] = meta
+        self.stored_bytes += size
+
+    def _soft_until(self, config: ReplicateConfig, now: float) -> float:
+        if not _soft_pin(config):
+            return 0.0
+        ttl = config.soft_pin_ttl_ms / 1000.0 if config.soft_pin_ttl_ms > 0 else self.soft_pin_ttl
+        return now + ttl
 
     def put_end(self, client_id: str, key: str) -> None:
         """Publish a started put: its replicas become visible to readers."""

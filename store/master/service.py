@@ -43,6 +43,7 @@ from .messages import (
     PingRequest,
     PutStartItem,
     PutStartReply,
+    PutCommitRequest,
     PutStartRequest,
     RemoveAllReply,
     RemoveAllRequest,
@@ -51,6 +52,8 @@ from .messages import (
     ReplicaStartItem,
     ReplicaStartReply,
     ReplicaStartRequest,
+    ReserveReply,
+    ReserveRequest,
     StatsReply,
     StatsRequest,
     TakeDemotionsReply,
@@ -106,6 +109,8 @@ class MasterService:
             ("batch_put_start", BatchPutStartRequest, BatchPutStartReply, self.batch_put_start),
             ("batch_put_end", OwnedKeysRequest, CodesReply, self.batch_put_end),
             ("batch_put_revoke", OwnedKeysRequest, CodesReply, self.batch_put_revoke),
+            ("reserve_space", ReserveRequest, ReserveReply, self.reserve_space),
+            ("put_commit", PutCommitRequest, OkReply, self.put_commit),
             ("get_replica_list", KeyRequest, GetReplicaListReply, self.get_replica_list),
             ("batch_get_replica_list", KeysRequest, BatchGetReplicaListReply,
              self.batch_get_replica_list),
@@ -217,6 +222,29 @@ class MasterService:
 
     def batch_put_revoke(self, req: OwnedKeysRequest) -> CodesReply:
         return CodesReply(_each(self.store.put_revoke, req.client_id, req.keys))
+
+    # -- puts from space reserved ahead (see .reservations) ---------------------------------
+
+    def reserve_space(self, req: ReserveRequest) -> ReserveReply:
+        if not req.client_id or req.size <= 0:
+            raise MasterError(MasterErrorCode.INVALID_PARAMS,
+                              "reserve_space needs a client_id and a positive size")
+        self.evictor.run()
+        ttl = self.clients.put_timeout
+        res = self.store.reservations.reserve(req.client_id, req.size, ttl, req.release)
+        seg = res.segment
+        return ReserveReply(res.id, seg.name, seg.base + res.front, res.end - res.front,
+                            seg.allocator.alignment, int(ttl * 1000))
+
+    def put_commit(self, req: PutCommitRequest) -> OkReply:
+        config = req.config
+        if config.replica_num != 1 or config.preferred_segment or config.preferred_segments:
+            raise MasterError(MasterErrorCode.INVALID_PARAMS,
+                              "a commit from reserved space is one replica where the space is; "
+                              "use put_start for more replicas or preferred segments")
+        self.store.reservations.commit(req.client_id, req.reservation, req.key, req.size,
+                                       req.address, config)
+        return _OK_REPLY
 
     # -- added replicas (see .replication) -----------------------------------------------------
 

@@ -316,6 +316,14 @@ class StoreConfig(Section):
         secret=True,
         cli=False,
     )
+    reserve_ahead: int = _size(
+        64 * _MIB,
+        0,
+        64 * _GIB,
+        "space a writing client asks the master for ahead of its puts, so that a plain put "
+        "(one replica, no preferred segment) is its write plus one master round trip instead "
+        "of two; 0 turns it off",
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -325,7 +333,8 @@ class StoreConfig(Section):
 
     def __repr__(self) -> str:
         shown = None if self.tenant_secret is None else REDACTED
-        return f"StoreConfig(tenant_id={self.tenant_id!r}, tenant_secret={shown})"
+        return (f"StoreConfig(tenant_id={self.tenant_id!r}, tenant_secret={shown}, "
+                f"reserve_ahead={self.reserve_ahead})")
 
 
 SECTIONS: tuple[type[Section], ...] = (
