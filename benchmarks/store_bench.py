@@ -385,19 +385,31 @@ def _summary(rounds: list[dict[str, Any]], op: str, label: str) -> dict[str, Any
             "p50_us": _pct(lat, 0.5) * 1e6, "p99_us": _pct(lat, 0.99) * 1e6}
 
 
-def run_data(stacks: list[Stack], rounds: int, get_rounds: int) -> dict[str, list[dict[str, Any]]]:
+def run_data(stacks: list[Stack], rounds: int, get_rounds: int,
+             ops_scale: float = 1.0) -> dict[str, list[dict[str, Any]]]:
     """Every size, ``rounds`` rounds, the stacks taking turns inside each round (in a rotating
-    order), so that a busy spell of the machine falls on all of them alike."""
+    order), so that a busy spell of the machine falls on all of them alike.
+
+    Each summary row of ours also carries ``vs_mooncake_round_median``: the median over rounds
+    of ours / Mooncake within the same round. On a machine whose speed drifts (this VM moves by
+    2x within minutes) that is the steadiest comparison: both sides of a ratio ran seconds
+    apart."""
     out: dict[str, list[dict[str, Any]]] = {s.name: [] for s in stacks}
     for label, size in SIZES.items():
-        n = max(1, COUNTS[size] // rounds)
+        n = max(1, int(COUNTS[size] * ops_scale) // rounds)
         got: dict[str, list[dict[str, Any]]] = {s.name: [] for s in stacks}
         for r in range(rounds):
             for k in range(len(stacks)):
                 stack = stacks[(r + k) % len(stacks)]
                 got[stack.name].append(stack.data(f"{label}/{r}", size, n, get_rounds))
+        theirs = got.get("mooncake/tcp")
         for name, rs in got.items():
-            out[name] += [_summary(rs, "put_from", label), _summary(rs, "get_into", label)]
+            for op in ("put_from", "get_into"):
+                row = _summary(rs, op, label)
+                if theirs is not None and name.startswith("ours/"):
+                    row["vs_mooncake_round_median"] = statistics.median(
+                        (a[op][1] / a[op][0]) / (b[op][1] / b[op][0]) for a, b in zip(rs, theirs))
+                out[name].append(row)
     return out
 
 
@@ -409,6 +421,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--get-rounds", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=4,
                         help="data-path rounds per size, stacks alternating within each")
+    parser.add_argument("--ops-scale", type=float, default=1.0,
+                        help="multiply the ops per size (400 / 100 / 16) by this")
     parser.add_argument("--segment-mib", type=int, default=2048)
     parser.add_argument("--skip-data", action="store_true")
     parser.add_argument("--warm-up", type=float, default=0.0, metavar="SECONDS",
@@ -443,7 +457,8 @@ def main(argv: list[str] | None = None) -> int:
         for impl, variant in wanted:
             stacks.append(Stack(impl, variant, args.segment_mib))
         time.sleep(args.warm_up)
-        data = {} if args.skip_data else run_data(stacks, args.rounds, args.get_rounds)
+        data = {} if args.skip_data else run_data(stacks, args.rounds, args.get_rounds,
+                                                  args.ops_scale)
         for stack in stacks:
             meta = stack.metadata(objects) if objects and stack.variant == "tcp" else []
             runs.append({"impl": stack.impl, "path": stack.variant,
@@ -456,11 +471,13 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps({"runs": runs, "floor": floor}, indent=1))
         return 0
     print(f"{'impl':10} {'path':4} {'size':6} {'op':9} {'GB/s':>7} {'rnd med':>8} {'p50 us':>9} "
-          f"{'p99 us':>9}")
+          f"{'p99 us':>9} {'vs Mooncake':>11}")
     for run in runs:
         for r in run["data"]:
+            vs = r.get("vs_mooncake_round_median")
             print(f"{run['impl']:10} {run['path']:4} {r['size']:6} {r['op']:9} {r['gbps']:7.2f} "
-                  f"{r['gbps_round_median']:8.2f} {r['p50_us']:9.0f} {r['p99_us']:9.0f}")
+                  f"{r['gbps_round_median']:8.2f} {r['p50_us']:9.0f} {r['p99_us']:9.0f} "
+                  f"{'' if vs is None else f'{vs:.2f}x':>11}")
     for r in floor:
         print(f"{'floor':10} {'tcp':4} {r['size']:6} {'write':9} {r['gbps']:7.2f} {'':8} "
               f"{r['p50_us']:9.0f}")
