@@ -409,7 +409,6 @@ class CallerThreadPath:
         self.hits += 1
         return None
 
-
     # -- puts from reserved space (see .reserved) ------------------------------------------
 
     def _put_reserved(self, key: str, pieces: list[tuple[int, int]], stored: int,
