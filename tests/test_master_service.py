@@ -184,7 +184,9 @@ async def test_batch_ops(client: MasterClient) -> None:
 
 
 async def test_dead_client_loses_segments_and_learns_it() -> None:
-    server = await started(client_ttl=0.3)
+    # TTL 0.6 s with a beat every 0.1 s: the live client survives a stall of the shared event
+    # loop of up to 0.5 s (a loaded CI machine once stalled it past a 0.3 s TTL).
+    server = await started(client_ttl=0.6)
     try:
         async with MasterClient(server.rpc_address, retry_timeout=2.0) as c:
             await c.mount_segment(segment("dying", client="c-dead"))
@@ -194,7 +196,7 @@ async def test_dead_client_loses_segments_and_learns_it() -> None:
             await c.put_start("c-live", "both", 100, ReplicateConfig(replica_num=2))
             await c.put_end("c-live", "both")
             assert (await c.ping("c-dead")).known
-            for _ in range(10):  # c-live keeps beating, c-dead is silent
+            for _ in range(15):  # c-live keeps beating, c-dead is silent
                 await asyncio.sleep(0.1)
                 await c.ping("c-live")
             assert not await c.exists("only-there")
