@@ -1,10 +1,14 @@
-"""Shared helpers of the master tests: an in-process master on free ports, segment factory."""
+"""Shared helpers of the master tests: an in-process master on free ports, segment factory, the
+error code of a refused call."""
 from __future__ import annotations
 
 from typing import Any
 
+import pytest
+
 from store.master import MasterServer, SegmentDesc
 from transfer.config import MooncakeConfig
+from transfer.rpc import RpcError
 
 MIB = 1 << 20
 
@@ -26,3 +30,10 @@ async def started(**master: Any) -> MasterServer:
     server = MasterServer(master_config(**master))
     await server.start()
     return server
+
+
+async def code_of(coro: object) -> int:
+    """The error code of an RPC call that must be refused."""
+    with pytest.raises(RpcError) as info:
+        await coro  # type: ignore[misc]
+    return int(info.value.code)

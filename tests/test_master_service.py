@@ -11,7 +11,7 @@ from store.master import MasterClient, MasterErrorCode, ReplicateConfig
 from store.master.server import MasterServer
 from transfer.rpc import RpcError
 
-from _master_util import MIB, segment, started
+from _master_util import MIB, code_of, segment, started
 
 E = MasterErrorCode
 pytestmark = pytest.mark.timeout(30)
@@ -30,12 +30,6 @@ async def client(master: MasterServer) -> AsyncIterator[MasterClient]:
         yield c
 
 
-async def _code_of(coro: object) -> int:
-    with pytest.raises(RpcError) as info:
-        await coro  # type: ignore[misc]
-    return int(info.value.code)
-
-
 async def test_two_phase_put_and_read(client: MasterClient) -> None:
     await client.mount_segment(segment("seg-a"))
     await client.mount_segment(segment("seg-b", base=2 << 40))
@@ -44,7 +38,7 @@ async def test_two_phase_put_and_read(client: MasterClient) -> None:
     assert all(r.size == 1000 and r.tier == "memory" for r in replicas)
     # Not visible until put_end: never a torn object.
     assert not await client.exists("k")
-    assert await _code_of(client.get_replica_list("k")) == E.REPLICA_IS_NOT_READY
+    assert await code_of(client.get_replica_list("k")) == E.REPLICA_IS_NOT_READY
     await client.put_end("c1", "k")
     got = await client.get_replica_list("k")
     assert sorted(got.replicas, key=lambda r: r.segment) == sorted(replicas, key=lambda r: r.segment)
@@ -55,7 +49,7 @@ async def test_two_phase_put_and_read(client: MasterClient) -> None:
     await client.put_start("c1", "r", 4096)
     await client.put_revoke("c1", "r")
     assert not await client.exists("r")
-    assert await _code_of(client.put_end("c1", "r")) == E.OBJECT_NOT_FOUND
+    assert await code_of(client.put_end("c1", "r")) == E.OBJECT_NOT_FOUND
 
 
 async def test_concurrent_puts_of_one_key(client: MasterClient, master: MasterServer) -> None:
@@ -68,28 +62,28 @@ async def test_concurrent_puts_of_one_key(client: MasterClient, master: MasterSe
     assert {int(e.code) for e in losers} == {E.OBJECT_PUT_IN_PROGRESS}
     owner = next(f"c{i}" for i, r in enumerate(results) if not isinstance(r, Exception))
     other = "c0" if owner != "c0" else "c1"
-    assert await _code_of(client.put_end(other, "same")) == E.OBJECT_PUT_IN_PROGRESS
+    assert await code_of(client.put_end(other, "same")) == E.OBJECT_PUT_IN_PROGRESS
     await client.put_end(owner, "same")
-    assert await _code_of(client.put_start("c9", "same", 512)) == E.OBJECT_ALREADY_EXISTS
+    assert await code_of(client.put_start("c9", "same", 512)) == E.OBJECT_ALREADY_EXISTS
     assert master.store.segments.get("seg").allocator.used == 512
 
 
 async def test_key_and_size_errors(client: MasterClient) -> None:
     await client.mount_segment(segment("seg", size=MIB))
-    assert await _code_of(client.put_start("c1", "", 10)) == E.INVALID_KEY
-    assert await _code_of(client.put_start("c1", "x" * 257, 10)) == E.INVALID_KEY
-    assert await _code_of(client.put_start("c1", "é" * 129, 10)) == E.INVALID_KEY  # 258 bytes
+    assert await code_of(client.put_start("c1", "", 10)) == E.INVALID_KEY
+    assert await code_of(client.put_start("c1", "x" * 257, 10)) == E.INVALID_KEY
+    assert await code_of(client.put_start("c1", "é" * 129, 10)) == E.INVALID_KEY  # 258 bytes
     await client.put_start("c1", "x" * 256, 10)
-    assert await _code_of(client.put_start("c1", "zero", 0)) == E.INVALID_PARAMS
-    assert await _code_of(client.put_start("c1", "huge", 2 * MIB)) == E.INVALID_PARAMS
-    assert await _code_of(client.put_start(
+    assert await code_of(client.put_start("c1", "zero", 0)) == E.INVALID_PARAMS
+    assert await code_of(client.put_start("c1", "huge", 2 * MIB)) == E.INVALID_PARAMS
+    assert await code_of(client.put_start(
         "c1", "two", 10, ReplicateConfig(replica_num=2))) == E.NO_AVAILABLE_HANDLE
-    assert await _code_of(client.put_start(
+    assert await code_of(client.put_start(
         "c1", "bad", 10, ReplicateConfig(replica_num=0))) == E.INVALID_PARAMS
-    assert await _code_of(client.get_replica_list("missing")) == E.OBJECT_NOT_FOUND
-    assert await _code_of(client.remove("missing")) == E.OBJECT_NOT_FOUND
-    assert await _code_of(client.mount_segment(segment("seg"))) == E.SEGMENT_ALREADY_EXISTS
-    assert await _code_of(client.mount_segment(segment("neg", size=0))) == E.INVALID_PARAMS
+    assert await code_of(client.get_replica_list("missing")) == E.OBJECT_NOT_FOUND
+    assert await code_of(client.remove("missing")) == E.OBJECT_NOT_FOUND
+    assert await code_of(client.mount_segment(segment("seg"))) == E.SEGMENT_ALREADY_EXISTS
+    assert await code_of(client.mount_segment(segment("neg", size=0))) == E.INVALID_PARAMS
 
 
 async def test_no_space_is_a_clear_code_not_a_hang() -> None:
@@ -101,7 +95,7 @@ async def test_no_space_is_a_clear_code_not_a_hang() -> None:
                 await c.put_start("c1", f"k{i}", 4096)
                 await c.put_end("c1", f"k{i}")
                 await c.get_replica_list(f"k{i}")  # leased: eviction may not take them
-            code = await asyncio.wait_for(_code_of(c.put_start("c1", "more", 4096)), 5)
+            code = await asyncio.wait_for(code_of(c.put_start("c1", "more", 4096)), 5)
             assert code == E.NO_AVAILABLE_HANDLE
     finally:
         await server.stop()
@@ -116,7 +110,7 @@ async def test_lease_blocks_remove_and_eviction() -> None:
             await c.put_start("c1", "hot", 4096)
             await c.put_end("c1", "hot")
             await c.get_replica_list("hot")
-            assert await _code_of(c.remove("hot")) == E.OBJECT_HAS_LEASE
+            assert await code_of(c.remove("hot")) == E.OBJECT_HAS_LEASE
             # Fill past the watermark: the leased object must survive eviction.
             for i in range(9):
                 await c.put_start("c1", f"f{i}", 4096)
@@ -131,7 +125,7 @@ async def test_lease_blocks_remove_and_eviction() -> None:
             await c.put_start("c1", "e", 64)
             await c.put_end("c1", "e")
             assert await c.exists("e", grant_lease=True)
-            assert await _code_of(c.remove("e")) == E.OBJECT_HAS_LEASE
+            assert await code_of(c.remove("e")) == E.OBJECT_HAS_LEASE
             await c.remove("e", force=True)
     finally:
         await server.stop()
@@ -215,11 +209,11 @@ async def test_stale_put_start_is_reclaimed() -> None:
         async with MasterClient(server.rpc_address, retry_timeout=2.0) as c:
             await c.mount_segment(segment("seg", size=MIB))
             await c.put_start("c1", "abandoned", MIB)
-            assert await _code_of(c.put_start("c1", "other", 4096)) == E.NO_AVAILABLE_HANDLE
+            assert await code_of(c.put_start("c1", "other", 4096)) == E.NO_AVAILABLE_HANDLE
             await asyncio.sleep(0.8)
             assert server.store.segments.get("seg").allocator.used == 0
             await c.put_start("c1", "other", 4096)
-            assert await _code_of(c.put_end("c1", "abandoned")) == E.OBJECT_NOT_FOUND
+            assert await code_of(c.put_end("c1", "abandoned")) == E.OBJECT_NOT_FOUND
     finally:
         await server.stop()
 
@@ -235,6 +229,6 @@ async def test_remount_rebuilds_objects(client: MasterClient, master: MasterServ
     new = await client.put_start("c1", "c", 4096)
     assert new[0].address not in (seg.base, seg.base + 4096)
     bad = segment("bad", size=MIB, base=1 << 41)
-    code = await _code_of(client.mount_segment(bad, [RemountObject("x", bad.base, 100),
+    code = await code_of(client.mount_segment(bad, [RemountObject("x", bad.base, 100),
                                                      RemountObject("y", bad.base + 64, 100)]))
     assert code == E.INVALID_PARAMS

@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from _master_util import MIB, segment, started
+from _master_util import MIB, code_of, segment, started
 from _store_util import master_process, new_client
 from store.client import StoreError
 from store.master import MasterClient, MasterErrorCode, ReplicateConfig
@@ -49,12 +49,6 @@ async def _commit(c: MasterClient, who: str, rid: int, key: str, size: int, addr
                                                 config or ReplicateConfig()), OkReply)
 
 
-async def _code(coro: object) -> int:
-    with pytest.raises(RpcError) as info:
-        await coro  # type: ignore[misc]
-    return int(info.value.code)
-
-
 async def _used(c: MasterClient) -> int:
     return (await c.call("stats", StatsRequest(), StatsReply)).used
 
@@ -85,19 +79,19 @@ async def test_commits_that_are_not_the_front_of_ones_own_reservation_are_refuse
     await client.mount_segment(segment("seg", size=64 * MIB, base=BASE))
     res = await _reserve(client, "w", 2 * MIB)
     rid, a = res.reservation, res.address
-    assert await _code(_commit(client, "other", rid, "k", 100, a)) == E.INVALID_PARAMS
-    assert await _code(_commit(client, "w", rid + 99, "k", 100, a)) == E.INVALID_PARAMS
-    assert await _code(_commit(client, "w", rid, "k", 100, a + 64)) == E.INVALID_PARAMS
-    assert await _code(_commit(client, "w", rid, "k", 3 * MIB, a)) == E.INVALID_PARAMS
-    assert await _code(_commit(client, "w", rid, "", 100, a)) == E.INVALID_KEY
-    assert await _code(_commit(client, "w", rid, "k", 100, a,
+    assert await code_of(_commit(client, "other", rid, "k", 100, a)) == E.INVALID_PARAMS
+    assert await code_of(_commit(client, "w", rid + 99, "k", 100, a)) == E.INVALID_PARAMS
+    assert await code_of(_commit(client, "w", rid, "k", 100, a + 64)) == E.INVALID_PARAMS
+    assert await code_of(_commit(client, "w", rid, "k", 3 * MIB, a)) == E.INVALID_PARAMS
+    assert await code_of(_commit(client, "w", rid, "", 100, a)) == E.INVALID_KEY
+    assert await code_of(_commit(client, "w", rid, "k", 100, a,
                                ReplicateConfig(replica_num=2))) == E.INVALID_PARAMS
     await client.put_start("w", "taken", 100)
-    assert await _code(_commit(client, "w", rid, "taken", 100, a)) == E.OBJECT_PUT_IN_PROGRESS
+    assert await code_of(_commit(client, "w", rid, "taken", 100, a)) == E.OBJECT_PUT_IN_PROGRESS
     # None of the refusals moved the front: the first good commit still goes there.
     await _commit(client, "w", rid, "k", 100, a)
     assert (await client.get_replica_list("k")).replicas[0].address == a
-    assert await _code(_commit(client, "w", rid, "k", 100, a + 128)) == E.OBJECT_ALREADY_EXISTS
+    assert await code_of(_commit(client, "w", rid, "k", 100, a + 128)) == E.OBJECT_ALREADY_EXISTS
 
 
 async def test_reservations_expire_go_with_their_segment_and_fit_small_segments(
@@ -112,12 +106,12 @@ async def test_reservations_expire_go_with_their_segment_and_fit_small_segments(
     # Expiry (put timeout 1 s here) hands the space back; a commit after it is refused.
     await asyncio.sleep(1.5)  # expiry at 1 s; the master's sweep runs every 0.25 s here
     assert master.service.store.reservations.live == {}
-    assert await _code(_commit(client, "w", res.reservation, "late", 100, res.address)) \
+    assert await code_of(_commit(client, "w", res.reservation, "late", 100, res.address)) \
         == E.INVALID_PARAMS
     # A reservation in a segment that is unmounted goes with it.
     res = await _reserve(client, "w", 2 * MIB)
     await client.unmount_segment("c2", res.segment)
-    assert await _code(_commit(client, "w", res.reservation, "k", 100, res.address)) \
+    assert await code_of(_commit(client, "w", res.reservation, "k", 100, res.address)) \
         == E.INVALID_PARAMS
 
 

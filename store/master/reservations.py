@@ -77,11 +77,9 @@ class Reservations:
         if size < MIN_RESERVATION:
             size = MIN_RESERVATION
         store = self.store
-        segs = store.segments.memory_segments()
-        best: Segment | None = None
-        for seg in segs:  # the segment with the most free space gives the largest share
-            if best is None or seg.allocator.free > best.allocator.free:
-                best = seg
+        # The segment with the most free space gives the largest share.
+        best = max(store.segments.memory_segments(), key=lambda seg: seg.allocator.free,
+                   default=None)
         if best is not None:
             size = min(size, best.allocator.free // _SHARE)
             size -= size % best.allocator.alignment

@@ -24,6 +24,8 @@ from typing import TypeVar
 
 import msgspec
 
+from transfer.polling import poll_recv_into
+
 from . import auth
 from .client import check_identity
 from .errors import ErrorCode, RpcAuthError, RpcConnectionError, RpcError, RpcTimeoutError
@@ -85,29 +87,12 @@ class _Connection:
         self.poll = 0.0
         """Seconds the next receive polls before sleeping (set per call, used once)."""
 
-    def _poll_into(self, view: memoryview, seconds: float) -> int | None:
-        """Ask for bytes without sleeping until some come or ``seconds`` pass (``None``).
-
-        Why: a reply to a sleeping thread costs its wake-up, which on a virtual machine with
-        an idle second CPU is about as long as the round trip itself (master calls measured
-        ~85-100 us sleeping, ~30-55 us polling here). A caller that waits on its own thread
-        only for a small reply spends that time better asking."""
-        sock = self.sock
-        sock.settimeout(0)
-        clock = time.perf_counter
-        end = clock() + seconds
-        while True:
-            try:
-                return sock.recv_into(view)
-            except BlockingIOError:
-                if clock() >= end:
-                    return None
-
     def _recv_into(self, view: memoryview) -> int:
         if self.poll:
             poll, self.poll = self.poll, 0.0
             if type(self.sock) is socket.socket:  # TLS records need the blocking read
-                n = self._poll_into(view, poll)
+                self.sock.settimeout(0)  # see transfer.polling
+                n = poll_recv_into(self.sock, view, poll)
                 if not self.deadline:  # back to blocking (with a deadline, it is set below)
                     self.sock.settimeout(None)
                 if n is not None:

@@ -42,13 +42,13 @@ import socket
 import ssl
 import struct
 import threading
-import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from transfer.errors import AddressError
 from transfer.memory import MemoryRegistry, Region, memory_at
+from transfer.polling import poll_recv_into
 from transfer.rpc import auth
 from transfer.tls import HANDSHAKE_TIMEOUT, TlsContexts
 from transfer.transports.base import Opcode, Slice, Transport, TransportError
@@ -70,7 +70,6 @@ _MAX_ERROR_TEXT = 4096
 _PIPELINE = 8
 _MAX_SERVER_CONNECTIONS = 512
 _WAITALL = getattr(socket, "MSG_WAITALL", 0)
-_DONTWAIT = getattr(socket, "MSG_DONTWAIT", 0)
 
 #: ``(region, remote address, view) -> None``: device/file access the server cannot do with a
 #: plain memoryview (CUDA staging); installed by the engine.
@@ -94,28 +93,15 @@ def _recv_exact(sock: socket.socket, view: memoryview) -> None:
 
 
 def _recv_exact_polling(sock: socket.socket, view: memoryview, poll_s: float) -> None:
-    """:func:`_recv_exact`, first polling for up to ``poll_s`` seconds before sleeping.
-
-    Why: a thread that sleeps on a reply is woken by the kernel when it comes; on a virtual
-    machine whose other CPU is idle that wake-up costs tens of microseconds, as much as a
-    loopback round trip itself. A caller that will wait only briefly does better to ask again
-    and again (a non-blocking receive, GIL released in each) until the reply is there. Only
-    plain blocking sockets poll (see :func:`_kernel_timeouts`); anything else just receives.
-    """
+    """:func:`_recv_exact`, first polling for up to ``poll_s`` seconds before sleeping (see
+    :mod:`transfer.polling`). Only plain blocking sockets poll (see :func:`_kernel_timeouts`);
+    anything else just receives."""
     if poll_s > 0 and view and sock.gettimeout() is None and type(sock) is socket.socket:
-        clock = time.perf_counter
-        end = clock() + poll_s
-        while True:
-            try:
-                n = sock.recv_into(view, len(view), _DONTWAIT)
-            except BlockingIOError:
-                if clock() < end:
-                    continue
-                break
-            if n == 0:
-                raise ConnectionError("peer closed the connection")
+        n = poll_recv_into(sock, view, poll_s)
+        if n == 0:
+            raise ConnectionError("peer closed the connection")
+        if n:
             view = view[n:]
-            break
     _recv_exact(sock, view)
 
 
