@@ -145,7 +145,8 @@ class Engine(Registration):
         self._transports["tcp"] = TcpTransport(
             self.registry, host=host, secret=cfg.auth_secret, streams_per_peer=t.streams_per_peer,
             io_timeout=t.io_timeout, connect_timeout=cfg.rpc.connect_timeout,
-            region_io=self._staging.region_io(), tls=tls, busy_poll=t.busy_poll_us / 1e6)
+            region_io=self._staging.region_io(), tls=tls, busy_poll=t.busy_poll_us / 1e6,
+            serve_poll=t.serve_poll_us / 1e6)
         self._small = SmallTcpPath(self.registry, self._transports["tcp"], self._choose,
                                    t.io_timeout)
         if t.enable_shm:  # same-host shortcuts: both trust the /dev/shm probe

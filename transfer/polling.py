@@ -5,14 +5,14 @@ whose other CPU is idle that wake-up costs tens of microseconds, about as much a
 trip itself (master calls measured ~85-100 us sleeping, ~30-60 us polling here). A caller that
 waits on its own thread only briefly, for a small reply, does better to ask again and again (a
 non-blocking receive, the GIL released in each) until the reply is there. Used by the blocking
-RPC client and by the TCP data plane's caller-thread exchanges.
+RPC client, by the TCP data plane's caller-thread exchanges and by its server.
 """
 from __future__ import annotations
 
 import socket
 import time
 
-__all__ = ["poll_recv_into"]
+__all__ = ["poll_recv_exact", "poll_recv_into"]
 
 _DONTWAIT = getattr(socket, "MSG_DONTWAIT", 0)
 
@@ -33,3 +33,30 @@ def poll_recv_into(sock: socket.socket, view: memoryview, seconds: float) -> int
         except BlockingIOError:
             if clock() >= end:
                 return None
+
+
+def poll_recv_exact(sock: socket.socket, view: memoryview, idle_seconds: float) -> int:
+    """Fill as much of ``view`` as arrives without sleeping, giving up once ``idle_seconds``
+    pass with no new byte; returns how many bytes it received (the caller receives the rest
+    the blocking way). Same socket rules as :func:`poll_recv_into`; a closed peer raises
+    ``ConnectionError``.
+
+    Why a whole payload and not just its first bytes: a receiver that sleeps while a large
+    payload streams in is woken again and again as segments land; one that keeps asking is
+    never put to sleep (1 MiB over loopback: ~280 -> ~215 us here, bare sockets).
+    """
+    clock = time.perf_counter
+    got, want = 0, len(view)
+    end = clock() + idle_seconds
+    while got < want:
+        try:
+            n = sock.recv_into(view[got:], want - got, _DONTWAIT)
+        except BlockingIOError:
+            if clock() >= end:
+                break
+            continue
+        if n == 0:
+            raise ConnectionError("peer closed the connection")
+        got += n
+        end = clock() + idle_seconds
+    return got

@@ -68,14 +68,16 @@ _FEW_CORES = (os.cpu_count() or 1) < 4
 """Whether splitting a mid-size value over streams costs more than it brings here. Each
 stream keeps a sending thread here and a receiving one at the peer busy: with two cores, two
 streams put four busy threads (plus the kernel's loopback work) on them, and a 1 MiB write
-measured ~430 us split in two against ~350 us as one exchange. Above :data:`_SPLIT_MAX` the
-general path's parallel streams are as fast as one exchange or faster (16 MiB: ~4.5 ms
-through either), so only values up to that size change path."""
+measured ~430 us split in two against ~350 us as one exchange. With the data server polling
+(``transfer.serve_poll_us``) one exchange also beats the general path's parallel streams
+higher up: 16 MiB puts took 4.1-5.0 ms against 5.5-5.9 ms. Values above
+:data:`_FEW_CORES_ONE_STREAM_MAX` take the general path."""
+_FEW_CORES_ONE_STREAM_MAX = 32 << 20
 
 
 def one_stream_bytes(total: int) -> int:
     """The ``one_stream_bytes`` for a caller-thread transfer of ``total`` bytes."""
-    return total if _FEW_CORES and total <= _SPLIT_MAX else SMALL_BATCH_BYTES
+    return total if _FEW_CORES and total <= _FEW_CORES_ONE_STREAM_MAX else SMALL_BATCH_BYTES
 
 
 class _Unreachable(Exception):
@@ -181,8 +183,8 @@ class CallerThreadPath:
         and a stream thread and back - a 1 MiB write took ~870 us that way against ~460 us as two
         512 KiB halves sent side by side over two streams. Each piece that finds no idle stream
         simply takes the general path inside ``transfer_blocking``. On a host with few cores
-        (:data:`_FEW_CORES`) one stream beats the split, so a value up to :data:`_SPLIT_MAX`
-        is one exchange there."""
+        (:data:`_FEW_CORES`) one stream beats the split, so a value up to
+        :data:`_FEW_CORES_ONE_STREAM_MAX` is one exchange there."""
         timeout = self.core.transfer_timeout
         total = sum(r.length for r in reqs)
         if total <= SMALL_BATCH_BYTES or total > _SPLIT_MAX or _FEW_CORES:

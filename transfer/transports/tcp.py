@@ -48,7 +48,7 @@ from typing import Any
 
 from transfer.errors import AddressError
 from transfer.memory import MemoryRegistry, Region, memory_at
-from transfer.polling import poll_recv_into
+from transfer.polling import poll_recv_exact
 from transfer.rpc import auth
 from transfer.tls import HANDSHAKE_TIMEOUT, TlsContexts
 from transfer.transports.base import Opcode, Slice, Transport, TransportError
@@ -92,17 +92,25 @@ def _recv_exact(sock: socket.socket, view: memoryview) -> None:
         view = view[n:]
 
 
-def _recv_exact_polling(sock: socket.socket, view: memoryview, poll_s: float) -> None:
-    """:func:`_recv_exact`, first polling for up to ``poll_s`` seconds before sleeping (see
-    :mod:`transfer.polling`). Only plain blocking sockets poll (see :func:`_kernel_timeouts`);
-    anything else just receives."""
+def _recv_exact_polling(sock: socket.socket, view: memoryview, poll_s: float, *,
+                        idle_ok: bool = False) -> None:
+    """:func:`_recv_exact`, polling (see :func:`transfer.polling.poll_recv_exact`) for as long
+    as bytes keep coming within ``poll_s`` seconds, then the blocking way. Only plain blocking
+    sockets poll (see :func:`_kernel_timeouts`); anything else just receives.
+
+    ``idle_ok``: ``view`` is a request header, which the peer may take as long as it likes to
+    start (see :func:`_await_request`); anything else must keep coming within the socket's
+    timeout once asked for.
+    """
+    got = 0
     if poll_s > 0 and view and sock.gettimeout() is None and type(sock) is socket.socket:
-        n = poll_recv_into(sock, view, poll_s)
-        if n == 0:
-            raise ConnectionError("peer closed the connection")
-        if n:
-            view = view[n:]
-    _recv_exact(sock, view)
+        got = poll_recv_exact(sock, view, poll_s)
+        if got == len(view):
+            return
+    if got == 0 and idle_ok:
+        _await_request(sock, view)
+    else:
+        _recv_exact(sock, view[got:])
 
 
 def _await_request(sock: socket.socket, head: memoryview) -> None:
@@ -176,8 +184,13 @@ class _Server:
 
     def __init__(self, registry: MemoryRegistry, bind_host: str, secret: bytes | None,
                  io_timeout: float, region_io: tuple[Any, ...] | None,
-                 tls: ssl.SSLContext | None = None) -> None:
+                 tls: ssl.SSLContext | None = None, poll: float = 0.0) -> None:
         self._registry = registry
+        self._poll = poll
+        # At most one connection thread per core polls at a time; the others sleep as usual.
+        # Each poller keeps a core (and, between its receives, the GIL) busy, so an unbounded
+        # number would starve the very threads the data is for.
+        self._pollers = threading.BoundedSemaphore(os.cpu_count() or 1)
         self._secret = secret
         self._tls = tls
         self._io_timeout = io_timeout
@@ -258,12 +271,13 @@ class _Server:
         head_view = memoryview(head)
         scratch: bytearray | None = None
         kernel = conn.gettimeout() is None  # plain TCP: kernel timeouts, see _kernel_timeouts
+        poll = self._poll if kernel and type(conn) is socket.socket else 0.0
         while True:
             # Idle between requests is fine (persistent streams); stalling inside one is not:
             # once a request's first byte arrives, the rest must follow within io_timeout, or a
             # silent peer would hold this server thread forever.
             if kernel:
-                _await_request(conn, head_view)
+                self._receive(conn, head_view, poll, idle_ok=True)
             else:
                 conn.settimeout(None)
                 _recv_exact(conn, head_view[:1])
@@ -290,10 +304,24 @@ class _Server:
             if not region.direct:
                 self._serve_staged(conn, send, op, tag, region, addr, length)
             elif op == Opcode.WRITE:
-                _recv_exact(conn, memory_at(addr, length))
+                self._receive(conn, memory_at(addr, length), poll)
                 conn.sendall(_RESP.pack(_MAGIC, _OK, 0, tag, 0))
             else:
                 send(conn, _RESP.pack(_MAGIC, _OK, 0, tag, length), memory_at(addr, length))
+
+    def _receive(self, conn: socket.socket, view: memoryview, poll: float, *,
+                 idle_ok: bool = False) -> None:
+        """Receive a header or a write's payload, polling if no more than the allowed number
+        of connections already poll (see :func:`_recv_exact_polling`)."""
+        if poll > 0 and self._pollers.acquire(blocking=False):
+            try:
+                _recv_exact_polling(conn, view, poll, idle_ok=idle_ok)
+            finally:
+                self._pollers.release()
+        elif idle_ok:
+            _await_request(conn, view)
+        else:
+            _recv_exact(conn, view)
 
     def _serve_staged(self, conn: socket.socket, send: _Sender, op: int, tag: int,
                       region: Region, addr: int, length: int) -> None:
@@ -394,12 +422,17 @@ class TcpTransport(Transport):
                  secret: bytes | None = None, streams_per_peer: int = 4,
                  io_timeout: float = 10.0, connect_timeout: float = 5.0,
                  region_io: tuple[RegionIO, RegionIO] | None = None,
-                 tls: TlsContexts | None = None, busy_poll: float = 0.0) -> None:
+                 tls: TlsContexts | None = None, busy_poll: float = 0.0,
+                 serve_poll: float = 0.0) -> None:
         self._registry = registry
         self.tls = tls
         self.busy_poll = busy_poll
         """Seconds a caller-thread exchange polls for each answer before sleeping (see
         :func:`_recv_exact_polling`); the general path's worker threads never poll."""
+        self.serve_poll = serve_poll
+        """Seconds the data server polls for a connection's next request after answering one,
+        and for each next piece of a write's payload, before it sleeps (see
+        :meth:`_Server._receive`)."""
         self._host = host
         self._bind_host = bind_host or host
         self._secret = auth.check_secret(secret)
@@ -415,7 +448,8 @@ class TcpTransport(Transport):
 
     async def start(self) -> dict[str, Any]:
         self._server = _Server(self._registry, self._bind_host, self._secret, self._io_timeout,
-                               self._region_io, None if self.tls is None else self.tls.server)
+                               self._region_io, None if self.tls is None else self.tls.server,
+                               poll=self.serve_poll)
         return {"host": self._host, "port": self._server.port}
 
     def reachable(self, peer_entry: Mapping[str, Any]) -> bool:
@@ -487,7 +521,7 @@ class TcpTransport(Transport):
 
     def _pipeline(self, stream: _Stream, slices: Sequence[Slice], poll: float = 0.0) -> None:
         """Send up to ``_PIPELINE`` requests ahead of their responses (order is preserved);
-        ``poll``: seconds to poll for each response before sleeping."""
+        ``poll``: seconds to poll for each response and read payload before sleeping."""
         sock = stream.sock
         assert sock is not None
         send = _sender(sock)
@@ -524,7 +558,7 @@ class TcpTransport(Transport):
             if s.opcode == Opcode.READ:
                 if length != s.length:
                     raise ConnectionError(f"peer sent {length} bytes, asked for {s.length}")
-                _recv_exact(sock, memory_at(s.local_addr, s.length))
+                _recv_exact_polling(sock, memory_at(s.local_addr, s.length), poll)
         if first_error is not None:
             raise _RemoteError(first_error)
 
