@@ -5,14 +5,15 @@ whose other CPU is idle that wake-up costs tens of microseconds, about as much a
 trip itself (master calls measured ~85-100 us sleeping, ~30-60 us polling here). A caller that
 waits on its own thread only briefly, for a small reply, does better to ask again and again (a
 non-blocking receive, the GIL released in each) until the reply is there. Used by the blocking
-RPC client, by the TCP data plane's caller-thread exchanges and by its server.
+RPC client, by the TCP data plane's caller-thread exchanges and by its server; a sender whose
+socket buffer is full does the same (:func:`poll_send`).
 """
 from __future__ import annotations
 
 import socket
 import time
 
-__all__ = ["poll_recv_exact", "poll_recv_into"]
+__all__ = ["poll_recv_exact", "poll_recv_into", "poll_send"]
 
 _DONTWAIT = getattr(socket, "MSG_DONTWAIT", 0)
 
@@ -60,3 +61,26 @@ def poll_recv_exact(sock: socket.socket, view: memoryview, idle_seconds: float) 
         got += n
         end = clock() + idle_seconds
     return got
+
+
+def poll_send(sock: socket.socket, view: memoryview, idle_seconds: float) -> int:
+    """Send as much of ``view`` as the socket takes without sleeping, giving up once
+    ``idle_seconds`` pass with the send buffer still full; returns how many bytes went (the
+    caller sends the rest the blocking way). Same socket rules as :func:`poll_recv_into`.
+
+    Why: a large payload fills the send buffer, and a blocked sender is woken each time the
+    peer's acknowledgements free some of it; one that keeps offering bytes is never put to sleep
+    (16 MiB over loopback: ~4.5 -> ~4.0 ms here, bare sockets).
+    """
+    clock = time.perf_counter
+    sent, want = 0, len(view)
+    end = clock() + idle_seconds
+    while sent < want:
+        try:
+            sent += sock.send(view[sent:], _DONTWAIT)
+        except BlockingIOError:
+            if clock() >= end:
+                break
+            continue
+        end = clock() + idle_seconds
+    return sent

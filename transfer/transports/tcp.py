@@ -48,7 +48,7 @@ from typing import Any
 
 from transfer.errors import AddressError
 from transfer.memory import MemoryRegistry, Region, memory_at
-from transfer.polling import poll_recv_exact
+from transfer.polling import poll_recv_exact, poll_send
 from transfer.rpc import auth
 from transfer.tls import HANDSHAKE_TIMEOUT, TlsContexts
 from transfer.transports.base import Opcode, Slice, Transport, TransportError
@@ -70,6 +70,7 @@ _MAX_ERROR_TEXT = 4096
 _PIPELINE = 8
 _MAX_SERVER_CONNECTIONS = 512
 _WAITALL = getattr(socket, "MSG_WAITALL", 0)
+_DONTWAIT = getattr(socket, "MSG_DONTWAIT", 0)
 
 #: ``(region, remote address, view) -> None``: device/file access the server cannot do with a
 #: plain memoryview (CUDA staging); installed by the engine.
@@ -155,6 +156,23 @@ def _send(sock: socket.socket, head: bytes, payload: memoryview | None = None) -
         sock.sendall(payload)
     elif sent < len(head) + len(payload):
         sock.sendall(payload[sent - len(head):])
+
+
+def _send_polling(sock: socket.socket, head: bytes, payload: memoryview, poll_s: float) -> None:
+    """:func:`_send` on a plain blocking socket, polling while its buffer is full for as long
+    as it keeps draining within ``poll_s`` (see :func:`transfer.polling.poll_send`), then the
+    blocking way (bounded by the kernel send timeout)."""
+    try:
+        sent = sock.sendmsg([head, payload], (), _DONTWAIT)
+    except BlockingIOError:
+        sent = 0
+    if sent < len(head):
+        sock.sendall(head[sent:])
+        sent = len(head)
+    rest = payload[sent - len(head):]
+    done = poll_send(sock, rest, poll_s)
+    if done < len(rest):
+        sock.sendall(rest[done:])
 
 
 def _send_tls(sock: socket.socket, head: bytes, payload: memoryview | None = None) -> None:
@@ -525,6 +543,7 @@ class TcpTransport(Transport):
         sock = stream.sock
         assert sock is not None
         send = _sender(sock)
+        send_polled = poll > 0 and send is _send and sock.gettimeout() is None
         resp = bytearray(_RESP.size)
         resp_view = memoryview(resp)
         inflight: list[tuple[int, Slice]] = []
@@ -537,8 +556,12 @@ class TcpTransport(Transport):
                 tag = stream.next_tag
                 stream.next_tag = (tag + 1) & 0xFFFFFFFF
                 head = _REQ.pack(_MAGIC, s.opcode, 0, tag, s.remote_addr, s.length)
-                payload = memory_at(s.local_addr, s.length) if s.opcode == Opcode.WRITE else None
-                send(sock, head, payload)
+                if s.opcode != Opcode.WRITE:
+                    send(sock, head, None)
+                elif send_polled:
+                    _send_polling(sock, head, memory_at(s.local_addr, s.length), poll)
+                else:
+                    send(sock, head, memory_at(s.local_addr, s.length))
                 inflight.append((tag, s))
                 continue
             tag, s = inflight.pop(0)
