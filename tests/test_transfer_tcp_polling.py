@@ -13,7 +13,7 @@ import pytest
 from _transfer_util import engines, pattern
 
 from transfer.batch import RequestStatus, TransferRequest
-from transfer.polling import poll_recv_exact
+from transfer.polling import poll_recv_exact, poll_send
 from transfer.transports.base import Opcode
 
 pytestmark = pytest.mark.timeout(60)
@@ -45,6 +45,29 @@ def test_poll_recv_exact_takes_what_keeps_coming_and_stops_at_a_gap() -> None:
         _later(0.005, b.close)
         with pytest.raises(ConnectionError):
             poll_recv_exact(a, memoryview(got), 1.0)
+
+
+def test_poll_send_keeps_offering_while_the_peer_drains_and_stops_when_it_does_not() -> None:
+    a, b = socket.socketpair()
+    with a, b:
+        data = memoryview(bytes(range(256)) * (16 << 10))  # 4 MiB: far more than the buffers
+        got = bytearray()
+
+        def drain(limit: int) -> None:
+            while len(got) < limit:
+                got.extend(b.recv(1 << 16))
+
+        reader = threading.Thread(target=drain, args=(len(data),))
+        reader.start()
+        assert poll_send(a, data, 0.5) == len(data)  # the peer keeps reading: all of it
+        reader.join(10)
+        assert got == data
+        got.clear()
+        t0 = time.monotonic()
+        sent = poll_send(a, data, 0.02)  # nobody reads: the buffers fill, then it gives up
+        assert 0 < sent < len(data) and time.monotonic() - t0 < 1.0
+        drain(sent)
+        assert got == data[:sent]
 
 
 def test_header_after_a_long_idle_is_still_received() -> None:
