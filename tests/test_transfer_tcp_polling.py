@@ -170,3 +170,41 @@ async def test_many_connections_writing_at_once_all_land() -> None:
             assert all(res[0].status is RequestStatus.COMPLETED for res in results)
             for i, s in enumerate(srcs):
                 assert np.array_equal(dst[i * size:(i + 1) * size], s)
+
+
+async def test_idle_connections_give_their_poller_permits_back() -> None:
+    """Connections that went back to sleeping hold no permit: more idle connections than
+    cores still leave every permit free for the next busy one."""
+    from test_transfer_tcp import _raw_connect
+
+    from transfer.transports.tcp import _MAGIC, _REQ, _RESP
+
+    async with engines(1, **POLLING) as (b,):
+        dst = np.zeros(4096, np.uint8)
+        db = await b.register(dst)
+        port = b._entries["tcp"]["port"]
+        server = b._transports["tcp"]._server
+        cores = os.cpu_count() or 1
+
+        def open_idle() -> list[socket.socket]:
+            conns = []
+            for i in range(cores + 2):
+                s = _raw_connect(port)
+                s.sendall(_REQ.pack(_MAGIC, 1, 0, 1, db + i, 1) + bytes([i + 1]))
+                assert _RESP.unpack(s.recv(_RESP.size, socket.MSG_WAITALL))[1] == 0
+                conns.append(s)
+            return conns
+
+        conns = await asyncio.get_running_loop().run_in_executor(None, open_idle)
+        try:
+            await asyncio.sleep(0.2)  # ten poll windows: every connection sleeps now
+            permits = 0
+            while server._pollers.acquire(blocking=False):
+                permits += 1
+            for _ in range(permits):
+                server._pollers.release()
+            assert permits == cores
+            assert dst[:cores + 2].tolist() == list(range(1, cores + 3))
+        finally:
+            for s in conns:
+                s.close()

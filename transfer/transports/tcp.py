@@ -106,8 +106,13 @@ def _recv_exact_polling(sock: socket.socket, view: memoryview, poll_s: float, *,
     got = 0
     if poll_s > 0 and view and sock.gettimeout() is None and type(sock) is socket.socket:
         got = poll_recv_exact(sock, view, poll_s)
-        if got == len(view):
-            return
+    _recv_rest(sock, view, got, idle_ok)
+
+
+def _recv_rest(sock: socket.socket, view: memoryview, got: int, idle_ok: bool) -> None:
+    """Receive what polling left of ``view`` (``got`` bytes are in) the blocking way."""
+    if got == len(view):
+        return
     if got == 0 and idle_ok:
         _await_request(sock, view)
     else:
@@ -330,16 +335,16 @@ class _Server:
     def _receive(self, conn: socket.socket, view: memoryview, poll: float, *,
                  idle_ok: bool = False) -> None:
         """Receive a header or a write's payload, polling if no more than the allowed number
-        of connections already poll (see :func:`_recv_exact_polling`)."""
+        of connections already poll (see :func:`_recv_exact_polling`). The permit is held
+        only while polling: a connection that goes back to sleeping gives it up, or a few idle
+        ones would keep every other connection from polling."""
+        got = 0
         if poll > 0 and self._pollers.acquire(blocking=False):
             try:
-                _recv_exact_polling(conn, view, poll, idle_ok=idle_ok)
+                got = poll_recv_exact(conn, view, poll)
             finally:
                 self._pollers.release()
-        elif idle_ok:
-            _await_request(conn, view)
-        else:
-            _recv_exact(conn, view)
+        _recv_rest(conn, view, got, idle_ok)
 
     def _serve_staged(self, conn: socket.socket, send: _Sender, op: int, tag: int,
                       region: Region, addr: int, length: int) -> None:
