@@ -21,6 +21,15 @@ POLLING = {"transfer.enable_shm": False, "transfer.serve_poll_us": 20_000,
            "transfer.io_timeout": 1.0}
 
 
+@pytest.fixture(autouse=True)
+def _a_core_to_spare(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Polling here must not depend on how busy the test host is (see spare_core's test)."""
+    import transfer.polling as polling
+
+    monkeypatch.setattr(polling, "_runnable", lambda: None)
+    monkeypatch.setattr(polling, "_sample", [0.0, True])
+
+
 def _later(seconds: float, fn) -> None:  # type: ignore[no-untyped-def]
     t = threading.Timer(seconds, fn)
     t.daemon = True
@@ -68,6 +77,39 @@ def test_poll_send_keeps_offering_while_the_peer_drains_and_stops_when_it_does_n
         assert 0 < sent < len(data) and time.monotonic() - t0 < 1.0
         drain(sent)
         assert got == data[:sent]
+
+
+def test_polling_gives_up_at_once_when_the_host_has_no_core_to_spare(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    import transfer.polling as polling
+
+    reads: list[int] = []
+    runnable = [1]
+
+    def fake_runnable() -> int:
+        reads.append(runnable[0])
+        return runnable[0]
+
+    monkeypatch.setattr(polling, "_runnable", fake_runnable)
+    monkeypatch.setattr(polling, "_CORES", 2)
+    monkeypatch.setattr(polling, "_sample", [0.0, True])
+    assert polling.spare_core()  # alone on the host
+    assert polling.spare_core() and len(reads) == 1  # the reading is reused for 20 ms
+    runnable[0] = 3  # two others running on two cores: nothing to spare
+    polling._sample[0] = 0.0
+    assert not polling.spare_core()
+    a, b = socket.socketpair()
+    with a, b:
+        t0 = time.monotonic()
+        assert polling.poll_recv_into(a, memoryview(bytearray(8)), 5.0) is None
+        assert polling.poll_recv_exact(a, memoryview(bytearray(8)), 5.0) == 0
+        assert time.monotonic() - t0 < 1.0  # gave up at once, not after 5 s each
+        b.sendall(b"z" * 8)  # what is already there is still taken
+        got = bytearray(8)
+        assert polling.poll_recv_exact(a, memoryview(got), 5.0) == 8 and got == b"z" * 8
+    monkeypatch.setattr(polling, "_runnable", lambda: None)  # no /proc: assume a spare core
+    polling._sample[0] = 0.0
+    assert polling.spare_core()
 
 
 def test_header_after_a_long_idle_is_still_received() -> None:
@@ -145,12 +187,9 @@ async def test_payload_that_pauses_mid_way_completes_and_one_that_stalls_is_drop
         # The paused write landed whole; the stalled one got no further than its 1000 bytes.
         assert (dst[:1000] == 7).all() and (dst[1000:1 << 19] == 5).all()
         assert (dst[1 << 19:] == 6).all()
-        # Every poller permit came back: as many can be taken as there are cores.
+        # Nothing left behind: no connection inside a request, none polling.
         await asyncio.sleep(0.1)
-        permits = 0
-        while server._pollers.acquire(blocking=False):
-            permits += 1
-        assert permits == (os.cpu_count() or 1)
+        assert server.active == 0 and not server.polling
 
 
 async def test_many_connections_writing_at_once_all_land() -> None:
@@ -172,39 +211,45 @@ async def test_many_connections_writing_at_once_all_land() -> None:
                 assert np.array_equal(dst[i * size:(i + 1) * size], s)
 
 
-async def test_idle_connections_give_their_poller_permits_back() -> None:
-    """Connections that went back to sleeping hold no permit: more idle connections than
-    cores still leave every permit free for the next busy one."""
+async def test_polling_is_left_to_a_quiet_server() -> None:
+    """Idle connections hold nothing: after their requests, however many there are, none is
+    inside a request and none polls. While one connection is inside a request (its payload
+    half sent), a second one's request is served without polling, and the first resumes."""
     from test_transfer_tcp import _raw_connect
 
     from transfer.transports.tcp import _MAGIC, _REQ, _RESP
 
     async with engines(1, **POLLING) as (b,):
-        dst = np.zeros(4096, np.uint8)
+        dst = np.zeros(1 << 20, np.uint8)
         db = await b.register(dst)
         port = b._entries["tcp"]["port"]
         server = b._transports["tcp"]._server
-        cores = os.cpu_count() or 1
+        assert server is not None
+        n = (os.cpu_count() or 1) + 2
 
-        def open_idle() -> list[socket.socket]:
-            conns = []
-            for i in range(cores + 2):
-                s = _raw_connect(port)
-                s.sendall(_REQ.pack(_MAGIC, 1, 0, 1, db + i, 1) + bytes([i + 1]))
-                assert _RESP.unpack(s.recv(_RESP.size, socket.MSG_WAITALL))[1] == 0
-                conns.append(s)
-            return conns
+        def scenario() -> list[int]:
+            conns = [_raw_connect(port) for _ in range(n)]
+            try:
+                for i, s in enumerate(conns):
+                    s.sendall(_REQ.pack(_MAGIC, 1, 0, 1, db + i, 1) + bytes([i + 1]))
+                    assert _RESP.unpack(s.recv(_RESP.size, socket.MSG_WAITALL))[1] == 0
+                time.sleep(0.2)  # ten poll windows: every connection sleeps now
+                seen = [server.active, int(server.polling)]
+                slow, quick = conns[0], conns[1]
+                slow.sendall(_REQ.pack(_MAGIC, 1, 0, 2, db + 4096, 8192) + b"\x09" * 4096)
+                time.sleep(0.05)
+                seen.append(server.active)  # the slow write is inside its request
+                quick.sendall(_REQ.pack(_MAGIC, 1, 0, 2, db + 100, 4) + b"\x08" * 4)
+                assert _RESP.unpack(quick.recv(_RESP.size, socket.MSG_WAITALL))[1] == 0
+                slow.sendall(b"\x09" * 4096)
+                assert _RESP.unpack(slow.recv(_RESP.size, socket.MSG_WAITALL))[1] == 0
+                time.sleep(0.1)
+                return seen + [server.active, int(server.polling)]
+            finally:
+                for s in conns:
+                    s.close()
 
-        conns = await asyncio.get_running_loop().run_in_executor(None, open_idle)
-        try:
-            await asyncio.sleep(0.2)  # ten poll windows: every connection sleeps now
-            permits = 0
-            while server._pollers.acquire(blocking=False):
-                permits += 1
-            for _ in range(permits):
-                server._pollers.release()
-            assert permits == cores
-            assert dst[:cores + 2].tolist() == list(range(1, cores + 3))
-        finally:
-            for s in conns:
-                s.close()
+        seen = await asyncio.get_running_loop().run_in_executor(None, scenario)
+        assert seen == [0, 0, 1, 0, 0]
+        assert dst[:n].tolist() == list(range(1, n + 1))
+        assert (dst[100:104] == 8).all() and (dst[4096:4096 + 8192] == 9).all()

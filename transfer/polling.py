@@ -7,15 +7,49 @@ waits on its own thread only briefly, for a small reply, does better to ask agai
 non-blocking receive, the GIL released in each) until the reply is there. Used by the blocking
 RPC client, by the TCP data plane's caller-thread exchanges and by its server; a sender whose
 socket buffer is full does the same (:func:`poll_send`).
+
+Polling takes a core, so it is done only while the host has one to spare (:func:`spare_core`):
+with more runnable threads than cores, the spinning thread would take the time of the very
+processes it waits for. Four clients putting 1 MiB values into one store node on this 2-core host
+moved 3.8 GB/s without polling and 2.6 GB/s with every wait polling; one client alone moved 2.2
+without and 3.1 with it.
 """
 from __future__ import annotations
 
+import os
 import socket
 import time
+from collections.abc import Callable
 
-__all__ = ["poll_recv_exact", "poll_recv_into", "poll_send"]
+__all__ = ["poll_recv_exact", "poll_recv_into", "poll_send", "spare_core"]
 
 _DONTWAIT = getattr(socket, "MSG_DONTWAIT", 0)
+_CORES = os.cpu_count() or 1
+_SAMPLE_EVERY = 0.02
+_sample = [0.0, True]  # when the next reading is due, the last verdict
+
+
+def spare_core() -> bool:
+    """Whether the host has a core for a polling thread now: fewer runnable threads besides
+    the caller than cores, from ``/proc/loadavg`` read at most every 20 ms (a stale answer for
+    that long is fine; a read per wait is not). True where the kernel does not say."""
+    now = time.perf_counter()
+    if now < _sample[0]:
+        return bool(_sample[1])
+    _sample[0] = now + _SAMPLE_EVERY
+    running = _runnable()
+    verdict = running is None or running - 1 < _CORES  # the caller is one of the running
+    _sample[1] = verdict
+    return verdict
+
+
+def _runnable() -> int | None:
+    """Threads running or ready to run on the host now (``/proc/loadavg``), None if unknown."""
+    try:
+        with open("/proc/loadavg", "rb") as f:
+            return int(f.read().split()[3].split(b"/")[0])
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def poll_recv_into(sock: socket.socket, view: memoryview, seconds: float) -> int | None:
@@ -32,15 +66,16 @@ def poll_recv_into(sock: socket.socket, view: memoryview, seconds: float) -> int
         try:
             return sock.recv_into(view, len(view), _DONTWAIT)
         except BlockingIOError:
-            if clock() >= end:
+            if clock() >= end or not spare_core():
                 return None
 
 
-def poll_recv_exact(sock: socket.socket, view: memoryview, idle_seconds: float) -> int:
+def poll_recv_exact(sock: socket.socket, view: memoryview, idle_seconds: float,
+                    stop: Callable[[], bool] | None = None) -> int:
     """Fill as much of ``view`` as arrives without sleeping, giving up once ``idle_seconds``
-    pass with no new byte; returns how many bytes it received (the caller receives the rest
-    the blocking way). Same socket rules as :func:`poll_recv_into`; a closed peer raises
-    ``ConnectionError``.
+    pass with no new byte, or as soon as ``stop()`` says so while it waits; returns how many
+    bytes it received (the caller receives the rest the blocking way). Same socket rules as
+    :func:`poll_recv_into`; a closed peer raises ``ConnectionError``.
 
     Why a whole payload and not just its first bytes: a receiver that sleeps while a large
     payload streams in is woken again and again as segments land; one that keeps asking is
@@ -53,7 +88,7 @@ def poll_recv_exact(sock: socket.socket, view: memoryview, idle_seconds: float) 
         try:
             n = sock.recv_into(view[got:], want - got, _DONTWAIT)
         except BlockingIOError:
-            if clock() >= end:
+            if clock() >= end or (stop is not None and stop()) or not spare_core():
                 break
             continue
         if n == 0:
@@ -79,7 +114,7 @@ def poll_send(sock: socket.socket, view: memoryview, idle_seconds: float) -> int
         try:
             sent += sock.send(view[sent:], _DONTWAIT)
         except BlockingIOError:
-            if clock() >= end:
+            if clock() >= end or not spare_core():
                 break
             continue
         end = clock() + idle_seconds
