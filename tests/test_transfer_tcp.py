@@ -214,6 +214,56 @@ async def test_data_port_survives_garbage(garbage: bytes) -> None:
         assert dst.all()
 
 
+async def test_protocol_version_mismatch_is_named_on_both_sides() -> None:
+    """A peer of another data-plane version is told which version this one speaks, and a
+    client meeting one (or a server that just hangs up) says so instead of 'peer closed'."""
+    import threading
+
+    from transfer.memory import MemoryRegistry
+    from transfer.rpc import auth
+    from transfer.transports.base import Slice, TransportError
+    from transfer.transports.tcp import _HELLO, _TAG, _WELCOME, PROTOCOL_VERSION, TcpTransport
+
+    async with engines(1, **NO_SHM) as (b,):
+        port = b._entries["tcp"]["port"]
+
+        def old_client() -> bytes:
+            with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+                s.sendall(_HELLO.pack(_TAG, PROTOCOL_VERSION - 1, auth.new_nonce()))
+                answer = s.recv(_WELCOME.size, socket.MSG_WAITALL)
+                assert s.recv(1) == b""  # and then closed
+                return answer
+
+        tag, flag, nonce = _WELCOME.unpack(
+            await asyncio.get_running_loop().run_in_executor(None, old_client))
+        assert tag == _TAG and flag == 0xFF and int.from_bytes(nonce[:2], "big") == PROTOCOL_VERSION
+
+    def fake_server(listener: socket.socket, reply: bytes | None) -> None:
+        conn, _ = listener.accept()
+        with conn:
+            conn.recv(_HELLO.size, socket.MSG_WAITALL)
+            if reply is not None:
+                conn.sendall(reply)
+
+    newer = _WELCOME.pack(_TAG, 0xFF, (PROTOCOL_VERSION + 1).to_bytes(2, "big") + bytes(30))
+    for reply, expected in ((newer, f"protocol version {PROTOCOL_VERSION + 1}"),
+                            (None, "during the handshake")):
+        listener = socket.create_server(("127.0.0.1", 0))
+        threading.Thread(target=fake_server, args=(listener, reply), daemon=True).start()
+        t = TcpTransport(MemoryRegistry(), host="127.0.0.1")
+        try:
+            src = bytearray(16)
+            from transfer.engine import buffer_address
+
+            entry = {"host": "127.0.0.1", "port": listener.getsockname()[1]}
+            with pytest.raises(TransportError, match=expected):
+                await t.execute("peer", entry, [], [Slice(Opcode.WRITE, buffer_address(src),
+                                                          0x1000, 16)])
+        finally:
+            await t.close()
+            listener.close()
+
+
 async def test_data_port_validates_every_request_before_touching_memory() -> None:
     from transfer.transports.tcp import _MAGIC, _REQ, _RESP, MAX_SLICE
 

@@ -31,7 +31,8 @@ from transfer.batch import TransferRequest
 from transfer.errors import AddressError
 from transfer.memory import MemoryRegistry, memory_at
 from transfer.transports.base import Opcode, Slice
-from transfer.transports.tcp import _MAGIC, _MAX_ERROR_TEXT, _OK, _REQ, _RESP, TcpTransport
+from transfer.transports.tcp import TcpTransport
+from transfer.transports.tcp_wire import _MAGIC, _MAX_ERROR_TEXT, _OK, _REQ, _RESP
 
 if TYPE_CHECKING:
     from transfer.descriptor import BufferDesc, PeerSegment

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from transfer.memory import Region
 from transfer.transports.base import Opcode
-from transfer.transports.tcp import read_file, write_file
+from transfer.transports.tcp_server import read_file, write_file
 
 if TYPE_CHECKING:
     from transfer.batch import Batch, TransferRequest
@@ -74,7 +74,7 @@ class Staging:
         self._lock = threading.Lock()
 
     def region_io(self) -> tuple[Any, Any, Any]:
-        """``(load, store, buffer)`` for the tcp server (see :mod:`transfer.transports.tcp`)."""
+        """``(load, store, buffer)`` for the tcp server (see :mod:`transfer.transports.tcp_server`)."""
         return load_region, store_region, self.host_buffer
 
     def new_batch(self) -> BatchStaging:
