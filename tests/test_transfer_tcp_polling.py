@@ -3,10 +3,13 @@ idle connections still served, stalled payloads still bounded, pollers never lea
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import socket
 import threading
 import time
+from collections.abc import AsyncIterator
+from typing import Any
 
 import numpy as np
 import pytest
@@ -154,15 +157,21 @@ async def test_writes_and_reads_are_exact_with_a_polling_server(size: int) -> No
         assert np.array_equal(back, src)
 
 
-async def test_payload_that_pauses_mid_way_completes_and_one_that_stalls_is_dropped() -> None:
-    from transfer.transports.tcp import _MAGIC, _REQ, _RESP
-
+@contextlib.asynccontextmanager
+async def _polling_node() -> AsyncIterator[tuple[np.ndarray, int, int, Any]]:
+    """One polling engine with 1 MiB registered: (memory, its address, data port, server)."""
     async with engines(1, **POLLING) as (b,):
         dst = np.zeros(1 << 20, np.uint8)
         db = await b.register(dst)
-        port = b._entries["tcp"]["port"]
         server = b._transports["tcp"]._server
         assert server is not None
+        yield dst, db, b._entries["tcp"]["port"], server
+
+
+async def test_payload_that_pauses_mid_way_completes_and_one_that_stalls_is_dropped() -> None:
+    from transfer.transports.tcp import _MAGIC, _REQ, _RESP
+
+    async with _polling_node() as (dst, db, port, server):
 
         def exchange() -> tuple[int, bytes]:
             from test_transfer_tcp import _raw_connect
@@ -219,12 +228,7 @@ async def test_polling_is_left_to_a_quiet_server() -> None:
 
     from transfer.transports.tcp import _MAGIC, _REQ, _RESP
 
-    async with engines(1, **POLLING) as (b,):
-        dst = np.zeros(1 << 20, np.uint8)
-        db = await b.register(dst)
-        port = b._entries["tcp"]["port"]
-        server = b._transports["tcp"]._server
-        assert server is not None
+    async with _polling_node() as (dst, db, port, server):
         n = (os.cpu_count() or 1) + 2
 
         def scenario() -> list[int]:
