@@ -250,7 +250,8 @@ class TransferConfig(Section):
         help="how long a caller waiting on its own thread for a small reply (a master call, a "
         "data-port answer) polls before it sleeps, in microseconds; 0 never polls. Polling "
         "skips the wake-up of a sleeping thread, which on virtual machines costs tens of "
-        "microseconds per reply",
+        "microseconds per reply. Any polling stops while the host has no core to spare "
+        "(as many other runnable threads as cores)",
         parse=partial(to_int, lo=0, hi=100_000),
         metavar="US",
     )
@@ -258,9 +259,9 @@ class TransferConfig(Section):
         300,
         help="how long the tcp data server polls for a connection's next request after "
         "answering one, and for the next bytes of a payload it is receiving, before it "
-        "sleeps, in microseconds; 0 never polls. At most one connection per core polls at "
-        "once. Costs up to that much CPU after each request; 1 MiB puts measured "
-        "~420-500 -> ~310-400 us with it on a 2-core VM",
+        "sleeps, in microseconds; 0 never polls. One connection at a time polls, only while "
+        "no other one is inside a request and the host has a core to spare; 1 MiB puts "
+        "measured ~420-500 -> ~310-400 us with it on a 2-core VM",
         parse=partial(to_int, lo=0, hi=100_000),
         metavar="US",
     )
