@@ -30,7 +30,7 @@ def _a_core_to_spare(monkeypatch: pytest.MonkeyPatch) -> None:
     import transfer.polling as polling
 
     monkeypatch.setattr(polling, "_runnable", lambda: None)
-    monkeypatch.setattr(polling, "_sample", [0.0, True])
+    monkeypatch.setattr(polling, "_sample", [0.0, 0.0])
 
 
 def _later(seconds: float, fn) -> None:  # type: ignore[no-untyped-def]
@@ -93,14 +93,22 @@ def test_polling_gives_up_at_once_when_the_host_has_no_core_to_spare(
         reads.append(runnable[0])
         return runnable[0]
 
+    def reading() -> bool:
+        polling._sample[0] = 0.0  # a reading is due
+        return polling.spare_core()
+
     monkeypatch.setattr(polling, "_runnable", fake_runnable)
     monkeypatch.setattr(polling, "_CORES", 2)
-    monkeypatch.setattr(polling, "_sample", [0.0, True])
-    assert polling.spare_core()  # alone on the host
-    assert polling.spare_core() and len(reads) == 1  # the reading is reused for 20 ms
-    runnable[0] = 3  # two others running on two cores: nothing to spare
-    polling._sample[0] = 0.0
-    assert not polling.spare_core()
+    monkeypatch.setattr(polling, "_sample", [0.0, 0.0])
+    assert reading()  # alone on the host
+    assert polling.spare_core() and len(reads) == 1  # within 5 ms the last reading stands
+    runnable[0] = 4  # one moment of three others on two cores: the average rides it out
+    assert reading()
+    runnable[0] = 1
+    assert reading() and reading()
+    runnable[0] = 6  # five others, reading after reading: nothing to spare
+    while reading():
+        assert len(reads) < 20
     a, b = socket.socketpair()
     with a, b:
         t0 = time.monotonic()
@@ -111,8 +119,7 @@ def test_polling_gives_up_at_once_when_the_host_has_no_core_to_spare(
         got = bytearray(8)
         assert polling.poll_recv_exact(a, memoryview(got), 5.0) == 8 and got == b"z" * 8
     monkeypatch.setattr(polling, "_runnable", lambda: None)  # no /proc: assume a spare core
-    polling._sample[0] = 0.0
-    assert polling.spare_core()
+    assert reading()
 
 
 def test_header_after_a_long_idle_is_still_received() -> None:

@@ -25,22 +25,26 @@ __all__ = ["poll_recv_exact", "poll_recv_into", "poll_send", "spare_core"]
 
 _DONTWAIT = getattr(socket, "MSG_DONTWAIT", 0)
 _CORES = os.cpu_count() or 1
-_SAMPLE_EVERY = 0.02
-_sample = [0.0, True]  # when the next reading is due, the last verdict
+_SAMPLE_EVERY = 0.005
+_WEIGHT = 0.2  # of each new reading in the running average: it spans ~25 ms of readings
+_sample = [0.0, 0.0]  # when the next reading is due, the running average of other runnables
 
 
 def spare_core() -> bool:
-    """Whether the host has a core for a polling thread now: fewer runnable threads besides
-    the caller than cores, from ``/proc/loadavg`` read at most every 20 ms (a stale answer for
-    that long is fine; a read per wait is not). True where the kernel does not say."""
+    """Whether the host has a core for a polling thread: on average over the last ~25 ms,
+    fewer runnable threads besides the caller than cores less half a core, from
+    ``/proc/loadavg`` read at most every 5 ms (a read per wait would cost more than it saves).
+    The average rides out the moment another thread is woken (a single reading caught one
+    client's own master call often enough to stop its polling a fifth of the time); four
+    busy clients on two cores keep it well above. True where the kernel does not say."""
     now = time.perf_counter()
-    if now < _sample[0]:
-        return bool(_sample[1])
-    _sample[0] = now + _SAMPLE_EVERY
-    running = _runnable()
-    verdict = running is None or running - 1 < _CORES  # the caller is one of the running
-    _sample[1] = verdict
-    return verdict
+    if now >= _sample[0]:
+        _sample[0] = now + _SAMPLE_EVERY
+        running = _runnable()
+        if running is None:
+            return True
+        _sample[1] += _WEIGHT * ((running - 1) - _sample[1])  # the caller is one of them
+    return _sample[1] < _CORES - 0.5
 
 
 def _runnable() -> int | None:
