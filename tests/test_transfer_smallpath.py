@@ -111,3 +111,32 @@ def test_blocking_caller_after_peer_death_fails_bounded() -> None:
             assert time.monotonic() - start < 15
     finally:
         engine.close_in()
+
+
+def test_a_bug_in_the_caller_thread_exchange_is_logged_and_the_transfer_still_lands(
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """A peer or link failure falls back quietly; anything else (a bug) falls back too, but
+    says so, instead of showing only as lost speed."""
+    from transfer.transports.tcp import TcpTransport
+
+    real = TcpTransport._pipeline
+
+    def broken_on_the_caller_thread(self, stream, slices, poll=0.0):  # type: ignore[no-untyped-def]
+        if poll > 0:  # only the caller-thread exchange polls
+            raise TypeError("a bug")
+        return real(self, stream, slices, poll)
+
+    monkeypatch.setattr(TcpTransport, "_pipeline", broken_on_the_caller_thread)
+    with Peer("--no-shm", size=1 << 20) as peer:
+        engine = Engine(config(**NO_SHM)).start_in()
+        try:
+            src = pattern(65536, 5)
+            sa = engine.run(engine.register(src))
+            req = [TransferRequest(Opcode.WRITE, sa, peer.name, peer.addr, 65536)]
+            engine.transfer_blocking(req)  # opens the segment on the loop
+            with caplog.at_level("WARNING", logger="transfer.smallpath"):
+                res = engine.transfer_blocking(req)
+            assert res[0].status is RequestStatus.COMPLETED
+            assert "failed unexpectedly" in caplog.text and "TypeError: a bug" in caplog.text
+        finally:
+            engine.close_in()

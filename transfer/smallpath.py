@@ -23,7 +23,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import socket
+import struct
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
@@ -31,8 +33,10 @@ from transfer.batch import TransferRequest
 from transfer.errors import AddressError
 from transfer.memory import MemoryRegistry, memory_at
 from transfer.transports.base import Opcode, Slice
-from transfer.transports.tcp import TcpTransport
+from transfer.transports.tcp import TcpTransport, _RemoteError
 from transfer.transports.tcp_wire import _MAGIC, _MAX_ERROR_TEXT, _OK, _REQ, _RESP
+
+logger = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from transfer.descriptor import BufferDesc, PeerSegment
@@ -147,7 +151,12 @@ class SmallTcpPath:
                     self._tcp.reconnects += 1
                 self._tcp._pipeline(stream, slices, self._tcp.busy_poll)
                 return True
-            except Exception:  # noqa: BLE001 - the general path redoes it and reports why
+            except (OSError, ConnectionError, struct.error, _RemoteError):  # the peer, the link:
+                stream.drop()  # the general path redoes it, with retries, and reports why
+                return False
+            except Exception:  # noqa: BLE001 - a bug here must not fail the transfer...
+                logger.warning("caller-thread exchange failed unexpectedly; the general path "
+                               "takes over", exc_info=True)  # ...nor hide as lost speed
                 stream.drop()
                 return False
             finally:
