@@ -74,7 +74,7 @@ class Staging:
         self._lock = threading.Lock()
 
     def region_io(self) -> tuple[Any, Any, Any]:
-        """``(load, store, buffer)`` for the tcp server (see :mod:`transfer.transports.tcp_server`)."""
+        """``(load, store, buffer)`` for the tcp server (:mod:`transfer.transports.tcp_server`)."""
         return load_region, store_region, self.host_buffer
 
     def new_batch(self) -> BatchStaging:

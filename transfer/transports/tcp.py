@@ -10,9 +10,9 @@ The wire format and the socket calls both ends share are in :mod:`transfer.trans
 the server in :mod:`transfer.transports.tcp_server`.
 
 With TLS (``tls`` contexts from :mod:`transfer.tls`) each connection is wrapped right after
-``connect``/``accept`` and the whole wire protocol runs inside it: the HMAC handshake still happens (the
-two compose), a plaintext peer fails the TLS handshake and is closed before it can send a
-request, and with a CA a peer without a certificate from it is refused. Only the send call
+``connect``/``accept`` and the whole wire protocol runs inside it: the HMAC handshake still
+happens (the two compose), a plaintext peer fails the TLS handshake and is closed before it can
+send a request, and with a CA a peer without a certificate from it is refused. Only the send call
 differs (``SSLSocket`` has no ``sendmsg``): it is chosen once per connection, so plain TCP keeps
 its single ``sendmsg`` per slice.
 """
