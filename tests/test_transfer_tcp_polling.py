@@ -209,7 +209,7 @@ async def test_payload_that_pauses_mid_way_completes_and_one_that_stalls_is_drop
 
 
 async def test_many_connections_writing_at_once_all_land() -> None:
-    """More writers than poller permits: the ones that cannot poll sleep, none are lost."""
+    """More writers than may poll at once: the ones that cannot poll sleep, none are lost."""
     async with engines(3, **POLLING, **{"transfer.streams_per_peer": 4}) as (a, c, b):
         size = 256 << 10
         dst = np.zeros(8 * size, np.uint8)

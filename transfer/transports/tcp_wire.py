@@ -40,10 +40,6 @@ _TAG = b"MCTD"
 _OK, _BAD_RANGE, _IO_ERROR, _BAD_REQUEST = 0, 1, 2, 3
 _VERSION_MISMATCH = 0xFF  # in WELCOME's auth byte: the nonce's first two bytes are our version
 _MAX_ERROR_TEXT = 4096
-_PIPELINE = 8
-_HEADER_HIT_MIN = 0.5
-_HEADER_PROBE_EVERY = 16
-_MAX_SERVER_CONNECTIONS = 512
 _WAITALL = getattr(socket, "MSG_WAITALL", 0)
 _DONTWAIT = getattr(socket, "MSG_DONTWAIT", 0)
 
