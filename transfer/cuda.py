@@ -9,6 +9,8 @@ pageable memory). This module gives the engine and the transports:
   for torch CUDA tensors and cupy arrays, without importing torch or cupy: an object of those
   types can only exist if its library is already imported, so we look at ``type(obj).__module__``
   and ``sys.modules``.
+- :func:`cuda_pointer_device`: the same question for a bare address, which is how Mooncake's
+  API (and vLLM's connectors) register memory: ``register_buffer(tensor.data_ptr(), nbytes)``.
 - :class:`StagingPool`: a bounded pool of equally sized host buffers (pinned by default; the
   allocator is a parameter, so the pooling logic runs on CPU-only machines too), usable from
   threads (:meth:`StagingPool.lease`) and from asyncio (:meth:`StagingPool.lease_async`).
@@ -26,6 +28,7 @@ import asyncio
 import collections
 import contextlib
 import ctypes
+import os
 import sys
 import threading
 import time
@@ -39,6 +42,7 @@ __all__ = [
     "StagingPool",
     "copy_device_to_host",
     "copy_host_to_device",
+    "cuda_pointer_device",
     "cuda_pointer_info",
     "host_allocator",
     "is_cuda_object",
@@ -83,6 +87,50 @@ def cuda_pointer_info(obj: Any) -> tuple[int, int, int]:
     if not obj.flags.c_contiguous:
         raise ValueError("cupy array is not C-contiguous; use cupy.ascontiguousarray first")
     return int(obj.data.ptr), int(obj.nbytes), int(obj.device.id)
+
+
+_CU_POINTER_ATTRIBUTE_MEMORY_TYPE = 2
+_CU_POINTER_ATTRIBUTE_DEVICE_ORDINAL = 9
+_CU_MEMORYTYPE_DEVICE = 2
+_driver: Any = None
+
+
+def _loaded_driver() -> Any:
+    """The CUDA driver library if this process has already loaded it, else ``None``.
+
+    ``RTLD_NOLOAD`` never loads it: a process that has not loaded the driver cannot hold device
+    memory, so the answer for every address is then "host", at the cost of one ``dlopen``."""
+    global _driver
+    if _driver is None:
+        try:
+            lib = ctypes.CDLL("libcuda.so.1", mode=os.RTLD_NOLOAD | os.RTLD_LAZY)
+        except OSError:
+            return None
+        fn = lib.cuPointerGetAttribute
+        fn.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_uint64]
+        fn.restype = ctypes.c_int
+        _driver = fn
+    return _driver
+
+
+def cuda_pointer_device(address: int) -> int | None:
+    """The CUDA device index if ``address`` is device memory, else ``None`` (host memory).
+
+    Why: a bare address carries no type, and treating device memory as host memory would make
+    a socket send read a GPU address and crash the process. Mooncake's transfer engine asks the
+    driver the same question (``cudaPointerGetAttributes``). Page-locked host memory answers
+    "host": the CPU transports can use it directly."""
+    get = _loaded_driver()
+    if get is None or address <= 0:
+        return None
+    kind = ctypes.c_uint(0)
+    if get(ctypes.byref(kind), _CU_POINTER_ATTRIBUTE_MEMORY_TYPE, address) != 0 \
+            or kind.value != _CU_MEMORYTYPE_DEVICE:
+        return None  # not known to CUDA (ordinary host memory), or CUDA not initialised
+    ordinal = ctypes.c_int(0)
+    if get(ctypes.byref(ordinal), _CU_POINTER_ATTRIBUTE_DEVICE_ORDINAL, address) != 0:
+        return 0
+    return int(ordinal.value)
 
 
 def parse_cuda_location(location: str) -> int | None:

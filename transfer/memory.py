@@ -17,6 +17,7 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any
 
+from transfer.cuda import copy_device_to_host, cuda_pointer_device, parse_cuda_location
 from transfer.errors import AddressError, RegistrationError
 
 __all__ = [
@@ -153,6 +154,18 @@ class MemoryRegistry:
                 f"0x{region.address:x}+{region.length}")
         return region
 
+    def host_bytes(self, address: int, length: int) -> memoryview | bytes:
+        """The registered bytes at ``[address, address + length)`` as the CPU can read them: a
+        view of host memory, or a copy of CUDA memory (a checksum or a ``bytes`` result must
+        never read a device address on the host; that crashes the process)."""
+        region = self.find(address, length)
+        device = parse_cuda_location(region.location)
+        if device is None:
+            return memory_at(address, length)
+        out = bytearray(length)
+        copy_device_to_host(address, memoryview(out), length, device)
+        return bytes(out)
+
     def first(self) -> Region | None:
         regions = self._regions
         return regions[0] if regions else None
@@ -172,17 +185,19 @@ def _check_range(address: object, length: object, exc: type[Exception]) -> None:
 def address_of(obj: Any, length: int | None = None) -> tuple[int, int, str, Any]:
     """``(address, length, location, keepalive)`` of a buffer object.
 
-    Accepts an int address (``length`` required, host memory assumed), numpy-like arrays,
-    writable buffers (bytearray, mmap, ...), torch tensors and cupy arrays. Arrays must be
-    contiguous: a registered buffer is one byte range. ``keepalive`` pins Python-owned memory
-    (a bytearray cannot be resized, an mmap not closed) while registered.
+    Accepts an int address (``length`` required; CUDA device memory if the CUDA driver says so,
+    else host memory), numpy-like arrays, writable buffers (bytearray, mmap, ...), torch
+    tensors and cupy arrays. Arrays must be contiguous: a registered buffer is one byte range.
+    ``keepalive`` pins Python-owned memory (a bytearray cannot be resized, an mmap not closed)
+    while registered.
     """
     if isinstance(obj, bool):
         raise RegistrationError("a bool is not a buffer")
     if isinstance(obj, int):
         if length is None:
             raise RegistrationError("registering a raw address needs a length")
-        return obj, length, "cpu:0", None
+        device = cuda_pointer_device(obj)
+        return obj, length, "cpu:0" if device is None else f"cuda:{device}", None
     module = type(obj).__module__.split(".")[0]
     if module == "torch":
         return _torch_address(obj, length)

@@ -6,10 +6,14 @@ except through the connector metadata, exactly as vLLM runs them.
 """
 from __future__ import annotations
 
-from vllm.logger import init_logger
 from typing import TYPE_CHECKING, Any
 
-from vllm.distributed.kv_transfer.kv_connector.v1.base import (
+from mooncake_connector.vllm.compat import check_vllm_version
+
+check_vllm_version()  # before anything else of vLLM: an unsupported one fails here, clearly
+
+from vllm.logger import init_logger  # noqa: E402
+from vllm.distributed.kv_transfer.kv_connector.v1.base import (  # noqa: E402
     KVConnectorBase_V1,
     KVConnectorMetadata,
     KVConnectorRole,

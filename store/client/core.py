@@ -283,6 +283,13 @@ class AsyncStoreClient:
                 raise StoreError(BUFFER_NOT_REGISTERED,
                                  f"buffer 0x{addr:x}+{length} is not registered: {e}") from None
 
+    def _gather(self, parts: Sequence[Piece]) -> memoryview | bytes:
+        """The bytes of registered ``parts`` as the host can read them (CUDA parts copied)."""
+        host = self.engine.registry.host_bytes
+        if len(parts) == 1:
+            return host(*parts[0])
+        return b"".join(host(a, n) for a, n in parts)
+
     # -- puts ---------------------------------------------------------------------------------
 
     async def put_pieces(self, keys: Sequence[str], pieces: Sequence[Sequence[Piece]],
@@ -319,7 +326,7 @@ class AsyncStoreClient:
             if self.checksum:
                 for j, i in enumerate(todo):
                     addr = trailers + j * TRAILER_SIZE
-                    memory_at(addr, TRAILER_SIZE)[:] = _trailer_of(pieces[i])
+                    memory_at(addr, TRAILER_SIZE)[:] = make_trailer(self._gather(pieces[i]))
                     all_parts[i].append((addr, TRAILER_SIZE))
             try:
                 items = await self.master.batch_put_start(
@@ -471,7 +478,7 @@ class AsyncStoreClient:
                 for i, rep, parts in reads:
                     why = failed.get(i)
                     if why is None and self.checksum:
-                        why = check_trailer(_gather(parts[:-1]),
+                        why = check_trailer(self._gather(parts[:-1]),
                                             memory_at(trailers + i * TRAILER_SIZE, TRAILER_SIZE))
                     if why is None:
                         pending.discard(i)
@@ -589,12 +596,4 @@ def _clip(parts: list[Piece], size: int) -> list[Piece]:
     return out
 
 
-def _gather(parts: Sequence[Piece]) -> memoryview | bytes:
-    if len(parts) == 1:
-        return memory_at(*parts[0])
-    return b"".join(memory_at(a, n) for a, n in parts)
-
-
-def _trailer_of(parts: Sequence[Piece]) -> bytes:
-    return make_trailer(_gather(parts))
 

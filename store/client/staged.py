@@ -279,7 +279,7 @@ class StagedPut:
             planned = []
             for j, i in enumerate(good):
                 ordered = sorted(handle.pieces[i])
-                data = b"".join(memory_at(a, n) for _, (a, n) in ordered)
+                data = b"".join(core.engine.registry.host_bytes(a, n) for _, (a, n) in ordered)
                 addr = base + j * TRAILER_SIZE
                 memory_at(addr, TRAILER_SIZE)[:] = make_trailer(data)
                 planned.append((i, handle.sizes[i], [(addr, TRAILER_SIZE)]))
