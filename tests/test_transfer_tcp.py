@@ -85,6 +85,23 @@ async def test_stale_descriptor_remote_range_gets_peer_error() -> None:
             await a.submit([TransferRequest(Opcode.WRITE, sa, b.name, db, 8192)])
 
 
+@pytest.mark.parametrize("shm", [False, True])
+async def test_memory_the_peer_registered_after_we_cached_it_is_found(shm: bool) -> None:
+    """A cached descriptor that lacks an address is read again once before the address is
+    called bad (found by the GPU test, whose peer registers a CUDA buffer late)."""
+    async with engines(2, **{"transfer.enable_shm": shm}) as (a, b):
+        src = pattern(1 << 20, 4)
+        first, late = np.zeros_like(src), np.zeros_like(src)
+        sa, d1 = await a.register(src), await b.register(first)
+        await a.transfer([TransferRequest(Opcode.WRITE, sa, b.name, d1, src.nbytes)])
+        d2 = await b.register(late)  # after a cached b's descriptor
+        await a.transfer([TransferRequest(Opcode.WRITE, sa, b.name, d1, 4096),
+                          TransferRequest(Opcode.WRITE, sa, b.name, d2, src.nbytes)])
+        assert np.array_equal(late, src) and np.array_equal(first, src)
+        with pytest.raises(AddressError, match="remote"):  # still bad after the re-read
+            await a.submit([TransferRequest(Opcode.WRITE, sa, b.name, d2 + src.nbytes, 10)])
+
+
 async def test_slice_retried_on_another_path_after_connection_killed() -> None:
     async with engines(2, **NO_SHM, **{"transfer.slice_size": 65536}) as (a, b):
         src = pattern(4 << 20, 3)

@@ -303,6 +303,7 @@ class Engine(Registration):
         local: Region | None = None
         remote: BufferDesc | None = None
         peer: PeerSegment | None = None
+        refreshed: set[str] = set()
         for i, req in enumerate(requests):
             if type(req) is not TransferRequest:
                 raise TypeError(f"request {i} is a {type(req).__name__}, not a TransferRequest")
@@ -325,7 +326,17 @@ class Engine(Registration):
                 try:
                     remote = peer.find(ra, n)
                 except AddressError as e:
-                    raise AddressError(f"request {i}: remote {e}") from None
+                    # The peer may have registered this memory after we cached its descriptor:
+                    # read it again, once per segment and batch, before calling the address bad.
+                    if req.segment in refreshed:
+                        raise AddressError(f"request {i}: remote {e}") from None
+                    refreshed.add(req.segment)
+                    peer = peers[req.segment] = await self.open_segment(req.segment,
+                                                                        refresh=True)
+                    try:
+                        remote = peer.find(ra, n)
+                    except AddressError as e2:
+                        raise AddressError(f"request {i}: remote {e2}") from None
             plan.append((local, peer, remote))
         batch = Batch(next(self._batch_ids), requests)
         batch.task = asyncio.create_task(self._run_batch(batch, plan, message))
