@@ -17,7 +17,6 @@ import logging
 from collections.abc import Callable, Sequence
 
 from scheduler.proxy.instances import InstanceSpec
-from transfer.metadata.etcd import EtcdMetadataStore
 
 __all__ = ["INSTANCES_PREFIX", "EtcdDiscovery", "parse_record"]
 
@@ -58,6 +57,8 @@ class EtcdDiscovery:
     def __init__(self, endpoints: str | Sequence[str], *, on_add: Callable[[InstanceSpec], None],
                  on_remove: Callable[[str], None], interval: float = 1.0,
                  prefix: str = INSTANCES_PREFIX) -> None:
+        from transfer.metadata.etcd import EtcdMetadataStore  # needs the optional aetcd
+
         self.store = EtcdMetadataStore(endpoints)
         self.on_add = on_add
         self.on_remove = on_remove

@@ -24,7 +24,6 @@ import time
 from collections.abc import Sequence
 
 from transfer.metadata.base import MetadataError
-from transfer.metadata.etcd import EtcdMetadataStore
 
 __all__ = ["LEADER_KEY", "LeaderElection", "afind_master", "find_master"]
 
@@ -42,6 +41,8 @@ class LeaderElection:
         self.ttl = ttl
         self.poll_interval = poll_interval
         self.key = key
+        from transfer.metadata.etcd import EtcdMetadataStore  # needs the optional aetcd
+
         self._etcd = EtcdMetadataStore(endpoints, timeout=max(1.0, ttl))
         self.is_leader = False
 
@@ -104,6 +105,8 @@ async def afind_master(etcd_endpoints: str | Sequence[str], *, timeout: float = 
                        key: str = LEADER_KEY) -> str:
     """The current leader's ``host:port``, waiting up to ``timeout`` for one to be elected."""
     deadline = time.monotonic() + timeout
+    from transfer.metadata.etcd import EtcdMetadataStore  # needs the optional aetcd
+
     async with EtcdMetadataStore(etcd_endpoints, timeout=min(5.0, max(timeout, 0.5))) as etcd:
         while True:
             try:
