@@ -64,6 +64,12 @@ def _wait_port(port: int, timeout: float = 30.0) -> None:
     raise TimeoutError(f"port {port} did not open")
 
 
+def python_path() -> str:
+    """This repository first, then whatever ``PYTHONPATH`` already holds (packages installed
+    with ``pip --target``, as on a host where pip cannot reach an index)."""
+    return os.pathsep.join(p for p in (REPO, os.environ.get("PYTHONPATH", "")) if p)
+
+
 def _store_class(impl: str) -> Any:
     if impl == "mooncake":
         from mooncake.store import MooncakeDistributedStore
@@ -306,7 +312,7 @@ class Stack:
                    "--metrics-port", "0", "--enable-http-metadata-server", "false"]
         self.master = self._spawn(cmd, stdin=False)
         env = dict(os.environ, MOONCAKE_TRANSFER_ENABLE_SHM="1" if variant == "shm" else "0",
-                   PYTHONPATH=REPO, GLOG_minloglevel="2")
+                   PYTHONPATH=python_path(), GLOG_minloglevel="2")
         _wait_port(port)
         addr = f"127.0.0.1:{port}"
         if impl == "mooncake":

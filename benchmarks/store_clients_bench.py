@@ -69,7 +69,7 @@ class _Store:
         else:
             cmd = [sys.executable, "-m", "store.master", "--rpc-port", str(port),
                    "--metrics-port", "0", "--enable-http-metadata-server", "false"]
-        env = dict(os.environ, MOONCAKE_TRANSFER_ENABLE_SHM="0", PYTHONPATH=sb.REPO,
+        env = dict(os.environ, MOONCAKE_TRANSFER_ENABLE_SHM="0", PYTHONPATH=sb.python_path(),
                    GLOG_minloglevel="2")
         self.procs = [subprocess.Popen(cmd, cwd=sb.REPO, env=env, stdout=subprocess.DEVNULL,
                                        stderr=subprocess.DEVNULL)]

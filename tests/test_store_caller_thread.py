@@ -176,8 +176,8 @@ def test_checksums_on_the_caller_thread(master):
 
 @pytest.mark.parametrize("few_cores", [False, True], ids=["split", "one-stream"])
 def test_mid_size_puts_split_across_streams_keep_every_byte(master, monkeypatch, few_cores):
-    """Puts between the small-path limit and 4 MiB are written as pieces side by side
-    (store.client.direct._write) on hosts with cores to spare, else as one exchange on one
+    """Puts and gets between the small-path limit and 4 MiB move as pieces side by side
+    (store.client.direct._transfer) on hosts with cores to spare, else as one exchange on one
     stream; odd sizes and the checksum trailer cross piece borders."""
     monkeypatch.setattr(direct, "_FEW_CORES", few_cores)
     holder = new_client(master, checksum=True)
@@ -193,8 +193,13 @@ def test_mid_size_puts_split_across_streams_keep_every_byte(master, monkeypatch,
             memory_at(addr, n)[:] = value
             key = f"split/{few_cores}/{i}"
             user.put_from(key, addr, n)
-            assert user.direct.hits == hits + i + 1  # stored on the caller-thread path
+            assert user.direct.hits == hits + 2 * i + 1  # stored on the caller-thread path
             assert holder.get(key) == value  # through the loop path, verified
+            back = addr + size
+            memory_at(back, n)[:] = bytes(n)
+            assert user.get_into(key, back, n) == n
+            assert user.direct.hits == hits + 2 * i + 2  # read back on that path, verified
+            assert memory_at(back, n) == value
         # split: the pieces ran side by side; one stream: no helper thread was ever needed
         assert (user.direct._writers is not None) is not few_cores
         user.unregister(addr)
