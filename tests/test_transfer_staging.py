@@ -38,3 +38,72 @@ def test_oversized_and_file_requests_use_pageable_memory() -> None:
             assert len(big) == 2 << 20
     finally:
         staging.close()
+
+
+@pytest.fixture
+def fake_device(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, int]]:
+    """Host memory registered as ``cuda:0`` with the CUDA copies done by ``memmove``: there is
+    no GPU here, but every staging step around the copies is the real code. Records
+    ``(direction, thread id)`` per copy. ``tests/test_store_gpu.py`` runs the same paths on a
+    real GPU."""
+    import ctypes
+    import threading
+
+    from transfer import cuda
+
+    calls: list[tuple[str, int]] = []
+
+    def d2h(dev_ptr: int, host: object, n: int, device: int) -> None:
+        calls.append(("d2h", threading.get_ident()))
+        ctypes.memmove(cuda._host_address(host), dev_ptr, n)
+
+    def h2d(host: object, dev_ptr: int, n: int, device: int) -> None:
+        calls.append(("h2d", threading.get_ident()))
+        ctypes.memmove(dev_ptr, cuda._host_address(host), n)
+
+    monkeypatch.setattr(cuda, "copy_device_to_host", d2h)
+    monkeypatch.setattr(cuda, "copy_host_to_device", h2d)
+    return calls
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("shm", [False, True], ids=["tcp", "shm"])
+async def test_blocking_callers_stage_device_memory_on_their_own_thread(
+        shm: bool, fake_device: list[tuple[str, int]]) -> None:
+    """``transfer_blocking`` with CUDA local memory stays on the caller's thread (tcp: staged
+    through host chunks, a 9 MiB write cut at the 4 MiB chunk size; shm: one device copy
+    straight to or from the peer's pages) instead of the general path's hops."""
+    import asyncio
+    import threading
+
+    import numpy as np
+    from _transfer_util import engines, pattern
+
+    from transfer.batch import TransferRequest
+    from transfer.transports.base import Opcode
+
+    n = (9 << 20) + 123
+    async with engines(2, **{"transfer.enable_shm": shm}) as (a, b):
+        src, back = pattern(n, 7), np.zeros(n, np.uint8)
+        sa = await a.register(src, location="cuda:0")
+        ba = await a.register(back, location="cuda:0")
+        holder = np.zeros(n, np.uint8)
+        rb = (await b.allocate_shared(n)).address if shm else await b.register(holder)
+        await a.open_segment(b.name)  # transfer_blocking uses known peers only
+        done: list[int] = []
+
+        def caller() -> None:
+            a.transfer_blocking([TransferRequest(Opcode.WRITE, sa, b.name, rb, n)],
+                                timeout=20, one_stream_bytes=n)
+            a.transfer_blocking([TransferRequest(Opcode.READ, ba, b.name, rb, n)],
+                                timeout=20, one_stream_bytes=n)
+            done.append(threading.get_ident())
+
+        thread = threading.Thread(target=caller)
+        thread.start()
+        while thread.is_alive():
+            await asyncio.sleep(0.01)
+        assert done and np.array_equal(back, src)
+        assert {t for _, t in fake_device} == {done[0]}  # every copy on the caller's thread
+        kinds = [k for k, _ in fake_device]
+        assert kinds == (["d2h", "h2d"] if shm else ["d2h"] * 3 + ["h2d"] * 3)

@@ -148,7 +148,7 @@ class Engine(Registration):
             region_io=self._staging.region_io(), tls=tls, busy_poll=t.busy_poll_us / 1e6,
             serve_poll=t.serve_poll_us / 1e6)
         self._small = SmallTcpPath(self.registry, self._transports["tcp"], self._choose,
-                                   t.io_timeout)
+                                   t.io_timeout, self._staging)
         if t.enable_shm:  # same-host shortcuts: both trust the /dev/shm probe
             shm = self._transports["shm"] = ShmTransport(self._probe)
             self._fast = ShmFastPath(self.registry, shm)

@@ -14,15 +14,17 @@ both sides are plain host memory, this path instead
 - and records completion as one lengths sequence, not one object per request.
 
 A blocking caller (``Engine.transfer_blocking``) runs all of it on its own thread
-(:meth:`ShmFastPath.run_blocking`): no hop to the loop and back.
+(:meth:`ShmFastPath.run_blocking`): no hop to the loop and back. There, CUDA local memory
+qualifies too: the device copy goes straight to or from the peer's shared pages.
 
-Anything unusual - another transport, CUDA or file buffers, a bad address, a peer file that
-cannot be mapped - returns ``None`` and the batch takes the general path, which produces the
-precise per-request error or status. So this path never decides a failure on its own.
+Anything unusual - another transport, file buffers (or CUDA ones from the loop), a bad
+address, a peer file that cannot be mapped - returns ``None`` and the batch takes the general
+path, which produces the precise per-request error or status. So this path never decides a failure on its own.
 """
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Sequence
 from itertools import islice
 from operator import add, attrgetter, eq
@@ -30,7 +32,8 @@ from typing import TYPE_CHECKING
 
 from transfer.batch import Batch, RequestStatus, TransferRequest
 from transfer.errors import AddressError
-from transfer.memory import MemoryRegistry
+from transfer.memory import MemoryRegistry, Region, memory_at
+from transfer.staging import load_region, store_region
 from transfer.transports.base import Opcode
 from transfer.transports.shm import ShmTransport, copy_runs
 
@@ -38,6 +41,8 @@ if TYPE_CHECKING:
     from transfer.descriptor import PeerSegment
 
 __all__ = ["CopyPlan", "ShmFastPath"]
+
+logger = logging.getLogger(__name__)
 
 _local_addr = attrgetter("local_addr")
 _remote_addr = attrgetter("remote_addr")
@@ -53,14 +58,19 @@ Runs = list[tuple[int, int, int]]
 
 
 class CopyPlan:
-    """A validated batch: its merged copy runs and the per-request lengths for status."""
+    """A validated batch: its merged copy runs and the per-request lengths for status.
+    ``device``: runs whose local side is CUDA memory, ``(opcode, region, local address, mapped
+    peer address, length)``, copied by the CUDA runtime straight to or from the peer's pages
+    (blocking callers only)."""
 
-    __slots__ = ("lengths", "runs", "total")
+    __slots__ = ("device", "lengths", "runs", "total")
 
-    def __init__(self, runs: Runs, lengths: list[int], total: int) -> None:
+    def __init__(self, runs: Runs, lengths: list[int], total: int,
+                 device: list[tuple[Opcode, Region, int, int, int]] | None = None) -> None:
         self.runs = runs
         self.lengths = lengths
         self.total = total
+        self.device = device or []
 
     def parts(self, n: int) -> list[Runs]:
         """The runs cut into ``n`` pieces of nearly equal bytes (for parallel copy threads)."""
@@ -89,8 +99,10 @@ class ShmFastPath:
         self._registry = registry
         self._transport = transport
 
-    def plan(self, requests: Sequence[TransferRequest], peer: PeerSegment) -> CopyPlan | None:
-        """The copy plan of ``requests`` (all to ``peer``), or None to use the general path."""
+    def plan(self, requests: Sequence[TransferRequest], peer: PeerSegment,
+             device: bool = False) -> CopyPlan | None:
+        """The copy plan of ``requests`` (all to ``peer``), or None to use the general path.
+        ``device``: CUDA local memory qualifies too (a blocking caller copies it itself)."""
         # Whole-batch checks first, each one C-level pass over the batch.
         if set(map(type, requests)) != {TransferRequest} \
                 or set(map(_segment, requests)) != {peer.name}:
@@ -113,6 +125,7 @@ class ShmFastPath:
         # ... and range-check each run: a run inside one registered buffer on both sides has
         # every one of its (positive-length) requests inside it too.
         runs: Runs = []
+        staged: list[tuple[Opcode, Region, int, int, int]] = []
         bases: dict[int, int] = {}
         find_local, find_remote = self._registry.find, peer.find
         for op, lo, ro, n in spans:
@@ -123,8 +136,8 @@ class ShmFastPath:
                 remote = find_remote(ro, n)
             except AddressError:
                 return None
-            if not local.direct or remote.shm_name is None \
-                    or not remote.location.startswith("cpu:"):
+            if (not local.direct and not (device and local.is_cuda)) \
+                    or remote.shm_name is None or not remote.location.startswith("cpu:"):
                 return None
             base = bases.get(remote.address)
             if base is None:
@@ -135,8 +148,11 @@ class ShmFastPath:
                     return None  # the general path reports (and retries) mapping failures
                 bases[remote.address] = base
             mapped = base + (ro - remote.address)
+            if not local.direct:
+                staged.append((op, local, lo, mapped, n))
+                continue
             runs.append((mapped, lo, n) if op is Opcode.WRITE else (lo, mapped, n))
-        return CopyPlan(runs, lengths, total)
+        return CopyPlan(runs, lengths, total, staged)
 
     def execute(self, batch_id: int, requests: Sequence[TransferRequest],
                 plan: CopyPlan) -> Batch:
@@ -157,13 +173,23 @@ class ShmFastPath:
         64 KiB x 128 batch, so the whole batch runs here; big ones also borrow the transport's
         copy threads.
         """
-        plan = self.plan(requests, peer)
+        plan = self.plan(requests, peer, device=True)
         if plan is None:
             return None
         if plan.total <= INLINE_COPY_BYTES:
             copy_runs(plan.runs)
         else:
             self._transport.copy_runs_blocking(plan.parts(self._transport.workers))
+        for op, region, local, mapped, n in plan.device:
+            try:  # one device copy, straight to or from the peer's pages
+                if op is Opcode.WRITE:
+                    load_region(region, local, memory_at(mapped, n))
+                else:
+                    store_region(region, local, memory_at(mapped, n))
+            except Exception:  # noqa: BLE001 - the general path redoes it and reports why
+                logger.warning("device copy on the shm fast path failed; the general path "
+                               "takes over", exc_info=True)
+                return None
         return plan
 
     async def _run(self, batch: Batch, plan: CopyPlan) -> None:

@@ -14,6 +14,9 @@ memory, this path instead
   TCP transport and runs the exchange on the caller's own thread with the GIL released in
   every syscall, never touching the loop.
 
+From a blocking caller, CUDA memory qualifies too: it is staged through host memory on the
+caller's thread (:func:`transfer.staging.staged_slices`), in pinned chunks.
+
 Like the shm fast path it never decides a failure: a bad address, another transport, a busy
 stream, a broken connection or a peer error all return ``None``/``False`` and the batch takes
 the general path, which retries and reports the precise per-request error. Every wait is
@@ -31,7 +34,8 @@ from typing import TYPE_CHECKING
 
 from transfer.batch import TransferRequest
 from transfer.errors import AddressError
-from transfer.memory import MemoryRegistry, memory_at
+from transfer.memory import MemoryRegistry, Region, memory_at
+from transfer.staging import Staging, staged_slices
 from transfer.transports.base import Opcode, Slice
 from transfer.transports.tcp import TcpTransport, _RemoteError
 from transfer.transports.tcp_wire import _MAGIC, _MAX_ERROR_TEXT, _OK, _REQ, _RESP
@@ -75,8 +79,10 @@ class SmallTcpPath:
     """Plans and runs small TCP batches; see the module docstring."""
 
     def __init__(self, registry: MemoryRegistry, tcp: TcpTransport,
-                 choose: Callable[[PeerSegment, BufferDesc], str], io_timeout: float) -> None:
+                 choose: Callable[[PeerSegment, BufferDesc], str], io_timeout: float,
+                 staging: Staging | None = None) -> None:
         self._registry = registry
+        self._staging = staging
         self._tcp = tcp
         self._choose = choose
         self._io_timeout = io_timeout
@@ -85,13 +91,23 @@ class SmallTcpPath:
     def plan(self, requests: Sequence[TransferRequest], peer: PeerSegment,
              max_bytes: int = SMALL_BATCH_BYTES) -> list[Slice] | None:
         """Coalesced slices for ``requests`` if the whole batch qualifies (at most ``max_bytes``
-        in all), else ``None``.
+        in all, host memory on both sides), else ``None``.
 
         Only reads shared state that is swapped atomically, so any thread may call it.
         """
+        planned = self._plan(requests, peer, max_bytes, device=False)
+        return None if planned is None else planned[0]
+
+    def _plan(self, requests: Sequence[TransferRequest], peer: PeerSegment, max_bytes: int,
+              device: bool) -> tuple[list[Slice], list[Region | None]] | None:
+        """Slices and, per slice, the local CUDA region to stage it through (``None``: host
+        memory). ``device``: CUDA local memory qualifies too (blocking callers only, who stage
+        it on their own thread); its slices are cut at the staging chunk size so that each one
+        fits a pinned chunk."""
         if len(requests) > _MAX_REQUESTS:
             return None
         slices: list[Slice] = []
+        regions: list[Region | None] = []
         total = 0
         name = peer.name
         for req in requests:
@@ -109,16 +125,26 @@ class SmallTcpPath:
                 remote = peer.find(ra, n)
             except AddressError:
                 return None
-            if not local.direct or self._choose(peer, remote) != "tcp":
+            staged = None
+            if not local.direct:
+                if not (device and local.is_cuda and self._staging is not None):
+                    return None
+                staged = local
+            if self._choose(peer, remote) != "tcp":
                 return None
             if slices:
                 last = slices[-1]
-                if (last.opcode is op and last.local_addr + last.length == la
+                if (last.opcode is op and regions[-1] is staged
+                        and last.local_addr + last.length == la
                         and last.remote_addr + last.length == ra):
                     slices[-1] = Slice(op, last.local_addr, last.remote_addr, last.length + n)
                     continue
             slices.append(Slice(op, la, ra, n))
-        return slices
+            regions.append(staged)
+        if any(r is not None for r in regions):
+            assert self._staging is not None
+            return _cut(slices, regions, self._staging.chunk_size)
+        return slices, regions
 
     def try_blocking(self, requests: Sequence[TransferRequest], peer: PeerSegment,
                      max_bytes: int = SMALL_BATCH_BYTES) -> bool:
@@ -126,9 +152,10 @@ class SmallTcpPath:
 
         ``max_bytes`` may exceed :data:`SMALL_BATCH_BYTES` for a caller that knows one stream
         is its best choice (see ``store.client.direct``); the blocking exchange has no size
-        limit of its own, only the loop's exchange does (it sends everything before reading)."""
-        slices = self.plan(requests, peer, max_bytes)
-        return slices is not None and self.run_blocking(peer, slices)
+        limit of its own, only the loop's exchange does (it sends everything before reading).
+        CUDA memory is staged through host memory on this thread."""
+        planned = self._plan(requests, peer, max_bytes, device=True)
+        return planned is not None and self.run_blocking(peer, *planned)
 
     async def try_on_loop(self, requests: Sequence[TransferRequest], peer: PeerSegment) -> bool:
         """Plan and run ``requests`` from the loop; ``False``: use the general path."""
@@ -137,9 +164,11 @@ class SmallTcpPath:
 
     # -- blocking callers ---------------------------------------------------------------------
 
-    def run_blocking(self, peer: PeerSegment, slices: Sequence[Slice]) -> bool:
+    def run_blocking(self, peer: PeerSegment, slices: Sequence[Slice],
+                     regions: Sequence[Region | None] = ()) -> bool:
         """Run ``slices`` on this thread over an idle stream; ``False`` if that was not possible
-        (no idle stream, connection or peer error) and nothing can be said about the bytes."""
+        (no idle stream, connection or peer error) and nothing can be said about the bytes.
+        ``regions``: per slice, the CUDA region its local side is staged through, if any."""
         entry = peer.desc.transports.get("tcp", {})
         pool = self._tcp.streams(str(entry["host"]), int(entry["port"]))
         for stream in pool:
@@ -149,7 +178,12 @@ class SmallTcpPath:
                 if stream.sock is None:
                     stream.sock = self._tcp._connect(stream.host, stream.port)
                     self._tcp.reconnects += 1
-                self._tcp._pipeline(stream, slices, self._tcp.busy_poll)
+                if any(r is not None for r in regions):
+                    assert self._staging is not None
+                    with staged_slices(self._staging, slices, regions) as host:
+                        self._tcp._pipeline(stream, host, self._tcp.busy_poll)
+                else:
+                    self._tcp._pipeline(stream, slices, self._tcp.busy_poll)
                 return True
             except (OSError, ConnectionError, struct.error, _RemoteError):  # the peer, the link:
                 stream.drop()  # the general path redoes it, with retries, and reports why
@@ -233,6 +267,23 @@ class SmallTcpPath:
         for stream in self._loop_streams.values():
             stream.drop()
         self._loop_streams.clear()
+
+
+def _cut(slices: list[Slice], regions: list[Region | None],
+         chunk: int) -> tuple[list[Slice], list[Region | None]]:
+    """Staged slices cut into pieces of at most ``chunk`` bytes (host slices stay whole)."""
+    out: list[Slice] = []
+    out_regions: list[Region | None] = []
+    for s, region in zip(slices, regions):
+        if region is None or s.length <= chunk:
+            out.append(s)
+            out_regions.append(region)
+            continue
+        for off in range(0, s.length, chunk):
+            out.append(Slice(s.opcode, s.local_addr + off, s.remote_addr + off,
+                             min(chunk, s.length - off)))
+            out_regions.append(region)
+    return out, out_regions
 
 
 async def _send(loop: asyncio.AbstractEventLoop, sock: socket.socket, head: bytes,
