@@ -153,3 +153,25 @@ def test_pinned_pool_stages_a_cuda_tensor() -> None:
             copy_device_to_host(ptr + off, chunk.address, n, device)
             copy_host_to_device(chunk.view, dst.data_ptr() + off, n, device)
     assert torch.equal(src, dst)
+
+
+@pytest.mark.gpu
+def test_copies_are_ordered_after_the_callers_stream() -> None:
+    """On the default stream the driver's synchronous copy runs after the queued work; on a
+    side stream the copy goes through torch on that stream. Either way the bytes are the ones
+    the queued kernels wrote (64 MiB fills take long enough for a race to show)."""
+    n = 64 << 20
+    host = np.zeros(n, dtype=np.uint8)
+    dev = torch.empty(n, dtype=torch.uint8, device="cuda:0")
+    dev.fill_(7)  # default stream, not waited for
+    copy_device_to_host(dev.data_ptr(), memoryview(host), n, 0)
+    assert (host == 7).all()
+    side = torch.cuda.Stream()
+    with torch.cuda.stream(side):
+        dev.fill_(9)  # on the side stream
+        copy_device_to_host(dev.data_ptr(), memoryview(host), n, 0)
+    assert (host == 9).all()
+    host[:] = 5
+    with torch.cuda.stream(side):
+        copy_host_to_device(memoryview(host), dev.data_ptr(), n, 0)
+        assert int(dev.min()) == 5 and int(dev.max()) == 5

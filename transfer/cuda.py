@@ -217,10 +217,93 @@ def _host_address(host: int | memoryview | Any) -> int:
     return ctypes.addressof(ctypes.c_char.from_buffer(view))
 
 
+class _Driver:
+    """The CUDA driver's synchronous copies, for a thread whose current stream is the default.
+
+    Why: a copy through torch builds two tensor views, switches device and synchronises a
+    stream; on an H200 host a device-to-host copy took 26 us for 64 KiB and 44 us for 1 MiB
+    that way, 13 and 32 us through the driver. ``cuMemcpy*`` on the legacy default stream is
+    one call, ordered after the work queued on that stream (where vLLM's forward pass runs), so
+    it is used only while the caller's current torch (or cupy) stream *is* the default one;
+    otherwise the library's own copy on the caller's stream is."""
+
+    def __init__(self, lib: Any) -> None:
+        self.dtoh, self.htod = lib.cuMemcpyDtoH_v2, lib.cuMemcpyHtoD_v2
+        self.dtoh.argtypes = [ctypes.c_void_p, ctypes.c_uint64, ctypes.c_size_t]
+        self.htod.argtypes = [ctypes.c_uint64, ctypes.c_void_p, ctypes.c_size_t]
+        self.get_current, self.set_current = lib.cuCtxGetCurrent, lib.cuCtxSetCurrent
+        self.get_current.argtypes = [ctypes.POINTER(ctypes.c_void_p)]
+        self.set_current.argtypes = [ctypes.c_void_p]
+        self.ctx_device = lib.cuCtxGetDevice
+        self.ctx_device.argtypes = [ctypes.POINTER(ctypes.c_int)]
+        self.retain = lib.cuDevicePrimaryCtxRetain
+        self.retain.argtypes = [ctypes.POINTER(ctypes.c_void_p), ctypes.c_int]
+        for fn in (self.dtoh, self.htod, self.get_current, self.set_current, self.ctx_device,
+                   self.retain):
+            fn.restype = ctypes.c_int
+        self.primary: dict[int, ctypes.c_void_p] = {}
+        self.lock = threading.Lock()
+
+    def context_on(self, device: int) -> bool:
+        """Make ``device``'s primary context current on this thread (the one torch uses)."""
+        ctx = ctypes.c_void_p()
+        if self.get_current(ctypes.byref(ctx)) == 0 and ctx.value:
+            current = ctypes.c_int(-1)
+            if self.ctx_device(ctypes.byref(current)) == 0 and current.value == device:
+                return True
+        with self.lock:
+            primary = self.primary.get(device)
+            if primary is None:
+                primary = ctypes.c_void_p()
+                if self.retain(ctypes.byref(primary), device) != 0:
+                    return False
+                self.primary[device] = primary
+        return self.set_current(primary) == 0
+
+
+_driver_copies: _Driver | None | bool = None
+
+
+def _driver_for_copies() -> _Driver | None:
+    global _driver_copies
+    if _driver_copies is None:
+        try:
+            lib = ctypes.CDLL("libcuda.so.1", mode=os.RTLD_NOLOAD | os.RTLD_LAZY)
+            _driver_copies = _Driver(lib)
+        except (OSError, AttributeError):
+            _driver_copies = False
+    return _driver_copies or None
+
+
+def _on_default_stream(device: int) -> bool:
+    """Whether the caller's current stream (torch's, else cupy's) is the legacy default."""
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_initialized():
+        return int(torch.cuda.current_stream(device).cuda_stream) == 0
+    cupy = sys.modules.get("cupy")
+    if cupy is not None:
+        return int(cupy.cuda.get_current_stream().ptr) == 0
+    return True
+
+
+def _driver_copy(dst: int, src: int, nbytes: int, device: int, to_host: bool) -> bool:
+    """One synchronous ``cuMemcpy``; ``False`` (nothing copied) where it does not apply."""
+    driver = _driver_for_copies()
+    if driver is None or not _on_default_stream(device) or not driver.context_on(device):
+        return False
+    rc = driver.dtoh(dst, src, nbytes) if to_host else driver.htod(dst, src, nbytes)
+    if rc != 0:
+        raise RuntimeError(f"cuMemcpy{'DtoH' if to_host else 'HtoD'} of {nbytes} bytes on "
+                           f"cuda:{device} failed: CUDA error {rc}")
+    return True
+
+
 def _copy(dst: int, src: int, nbytes: int, device: int, to_host: bool) -> None:
     if nbytes < 0:
         raise ValueError("nbytes must be >= 0")
     if nbytes == 0:
+        return
+    if _driver_copy(dst, src, nbytes, device, to_host):
         return
     if _backend() == "cupy":
         import cupy  # noqa: PLC0415
