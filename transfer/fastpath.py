@@ -19,7 +19,8 @@ qualifies too: the device copy goes straight to or from the peer's shared pages.
 
 Anything unusual - another transport, file buffers (or CUDA ones from the loop), a bad
 address, a peer file that cannot be mapped - returns ``None`` and the batch takes the general
-path, which produces the precise per-request error or status. So this path never decides a failure on its own.
+path, which produces the precise per-request error or status. So this path never decides a
+failure on its own.
 """
 from __future__ import annotations
 
