@@ -107,3 +107,41 @@ async def test_blocking_callers_stage_device_memory_on_their_own_thread(
         assert {t for _, t in fake_device} == {done[0]}  # every copy on the caller's thread
         kinds = [k for k, _ in fake_device]
         assert kinds == (["d2h", "h2d"] if shm else ["d2h"] * 3 + ["h2d"] * 3)
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("shm", [False, True], ids=["tcp", "shm"])
+async def test_general_path_stages_a_batch_of_pieces_in_shared_chunks_in_one_hop(
+        shm: bool, fake_device: list[tuple[str, int]], monkeypatch: pytest.MonkeyPatch) -> None:
+    """The loop's path with 64 CUDA pieces of 32 KiB (one per layer, as the connector puts a
+    block): they share one pinned chunk, and all device copies of a batch run in one executor
+    call (one thread), before the transfer for writes and after it for reads."""
+    import numpy as np
+    from _transfer_util import engines, pattern
+
+    from transfer import cuda
+    from transfer.batch import TransferRequest
+    from transfer.transports.base import Opcode
+
+    monkeypatch.setattr(cuda, "pinned_allocator", host_allocator)  # "pinned" host memory
+    piece, count = 32 << 10, 64
+    async with engines(2, **{"transfer.enable_shm": shm}) as (a, b):
+        src, back = pattern(2 * count * piece, 9), np.zeros(2 * count * piece, np.uint8)
+        sa = await a.register(src, location="cuda:0")
+        ba = await a.register(back, location="cuda:0")
+        rb = (await b.allocate_shared(src.nbytes)).address if shm \
+            else await b.register(np.zeros_like(src))
+        at = [2 * i * piece for i in range(count)]  # every other piece: nothing merges
+        await a.transfer([TransferRequest(Opcode.WRITE, sa + o, b.name, rb + o, piece)
+                          for o in at])
+        await a.transfer([TransferRequest(Opcode.READ, ba + o, b.name, rb + o, piece)
+                          for o in at])
+        for o in at:
+            assert np.array_equal(back[o:o + piece], src[o:o + piece])
+        assert not back[piece:2 * piece].any()  # the gaps stay untouched
+        d2h = [t for k, t in fake_device if k == "d2h"]
+        h2d = [t for k, t in fake_device if k == "h2d"]
+        assert len(d2h) == len(h2d) == count
+        assert len(set(d2h)) == 1 and len(set(h2d)) == 1  # one executor call each way
+        pool = a._staging._pool
+        assert pool is not None and pool.allocated == 1 and pool.in_use == 0

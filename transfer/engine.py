@@ -436,10 +436,11 @@ class Engine(Registration):
                             dict(peer.desc.transports.get(tname, {})), buffers,
                             on_failure=lambda name=peer.name: self._peer_failed(name))
                     chosen[(peer.name, remote.address)] = route
-                local_addr = req.local_addr if local.direct else await staged.prepare(i, req, local)
+                local_addr = req.local_addr if local.direct else staged.add(i, req, local)
                 route.add(i, req.opcode, local_addr, req.remote_addr, req.length)
             for route in routes.values():
                 route.cut(cfg.slice_size)
+            await staged.load(batch)
         except (TransferError, OSError, RuntimeError) as e:
             for r in batch.results:
                 r.status, r.error = RequestStatus.FAILED, f"staging failed: {e}"
