@@ -11,7 +11,7 @@ from _transfer_util import Peer, engines, pattern, sha
 
 from transfer.batch import RequestStatus, TransferRequest
 from transfer.errors import AddressError, SegmentNotFoundError, TransferFailedError
-from transfer.transports.base import Opcode
+from transfer.transports.base import Opcode, Slice
 
 pytestmark = pytest.mark.timeout(30)
 NO_SHM = {"transfer.enable_shm": False}
@@ -408,3 +408,72 @@ def test_polling_receive_gets_prompt_and_late_answers_and_sees_a_close() -> None
         d.sendall(b"t" * 16)
         _recv_exact_polling(c, memoryview(got), 0.01)
         assert got == b"t" * 16
+
+
+def test_route_gathers_pieces_that_continue_only_remotely() -> None:
+    """Requests contiguous on the remote side but not locally join one run on a gathering
+    transport (one slice carries several local pieces, cut exactly at ``slice_size``), and
+    start a new run on any other; owners keep each request's bytes."""
+    from transfer.batch import Route
+
+    class _T:
+        gather = True
+
+    def route(gather: bool) -> Route:
+        t = _T()
+        t.gather = gather
+        return Route(t, "p", {}, [], lambda: None)  # type: ignore[arg-type]
+
+    r = route(True)
+    r.add(0, Opcode.WRITE, 1000, 50_000, 300)
+    r.add(1, Opcode.WRITE, 1300, 50_300, 200)   # contiguous both sides: extends the piece
+    r.add(2, Opcode.WRITE, 9000, 50_500, 700)   # remote only: a second local piece
+    r.add(3, Opcode.WRITE, 20_000, 60_000, 100)  # remote jumps: a new run
+    r.cut(600)
+    assert [(s.local_addr, s.remote_addr, s.length, s.pieces()) for _, s in r.items] == [
+        (1000, 50_000, 600, ((1000, 500), (9000, 100))),
+        (9100, 50_600, 600, ((9100, 600),)),
+        (20_000, 60_000, 100, ((20_000, 100),)),
+    ]
+    assert [owners for owners, _ in r.items] == [((0, 300), (1, 200), (2, 100)), ((2, 600),),
+                                                 ((3, 100),)]
+    plain = route(False)
+    plain.add(0, Opcode.WRITE, 1000, 50_000, 300)
+    plain.add(1, Opcode.WRITE, 9000, 50_300, 200)
+    plain.cut(1 << 20)
+    assert [s.pieces() for _, s in plain.items] == [((1000, 300),), ((9000, 200),)]
+
+
+@pytest.mark.parametrize("slice_size", [4096, 1 << 20])
+async def test_one_object_from_scattered_pages_both_ways(slice_size: int) -> None:
+    """An object written from one page per layer (pages apart locally, back to back in the
+    replica) and read back into other scattered pages: exact bytes, gaps untouched, with
+    slices cut inside pages and across them."""
+    page, count = 5000, 80  # odd sizes: slices end mid-page; > 64 requests: the general path
+    async with engines(2, **NO_SHM, **{"transfer.slice_size": slice_size}) as (a, b):
+        src = pattern(2 * page * count, 5)
+        back = np.zeros_like(src)
+        replica = np.zeros(page * count, np.uint8)
+        sa, ba, rb = await a.register(src), await a.register(back), await b.register(replica)
+        tcp = a._transports["tcp"]
+        sent: list[Slice] = []
+        pipeline = tcp._pipeline
+
+        def recording(stream, slices, poll=0.0):  # the real method, its slices noted
+            sent.extend(slices)
+            return pipeline(stream, slices, poll)
+
+        tcp._pipeline = recording
+        await a.transfer([TransferRequest(Opcode.WRITE, sa + 2 * i * page, b.name,
+                                          rb + i * page, page) for i in range(count)])
+        expected = np.concatenate([src[2 * i * page:(2 * i + 1) * page] for i in range(count)])
+        assert np.array_equal(replica, expected)
+        await a.transfer([TransferRequest(Opcode.READ, ba + 2 * i * page, b.name,
+                                          rb + i * page, page) for i in range(count)])
+        for i in range(count):
+            assert np.array_equal(back[2 * i * page:(2 * i + 1) * page],
+                                  src[2 * i * page:(2 * i + 1) * page])
+            assert not back[(2 * i + 1) * page:(2 * i + 2) * page].any()
+        # each batch went as slices of up to slice_size gathered from several pages
+        assert len(sent) == 2 * -(-page * count // slice_size)
+        assert max(len(s.pieces()) for s in sent) > 1

@@ -130,10 +130,10 @@ Owners = tuple[tuple[int, int], ...]  # (request index, bytes of this slice it o
 @dataclass(slots=True)
 class _Run:
     opcode: Opcode
-    local: int
     remote: int
     length: int
     owners: list[tuple[int, int]]
+    parts: list[list[int]]  # local [address, length] pieces, in order
 
 
 @dataclass(slots=True)
@@ -142,7 +142,10 @@ class Route:
 
     Requests that continue each other on both sides (same direction, local and remote both
     contiguous - e.g. consecutive KV blocks) are coalesced into one run before slicing, so a
-    batch of many small requests costs a few large slices, not one round trip per request.
+    batch of many small requests costs a few large slices, not one round trip per request. On a
+    transport that gathers (``Transport.gather``), requests that continue each other only on
+    the remote side join the run too, as further local pieces: an object put from one page per
+    layer into one replica.
     """
 
     transport: Transport
@@ -156,18 +159,28 @@ class Route:
     def add(self, index: int, opcode: Opcode, local: int, remote: int, length: int) -> None:
         if self.runs:
             run = self.runs[-1]
-            if (run.opcode == opcode and run.local + run.length == local
-                    and run.remote + run.length == remote):
+            if run.opcode == opcode and run.remote + run.length == remote:
+                last = run.parts[-1]
+                if last[0] + last[1] == local:
+                    last[1] += length
+                elif self.transport.gather:
+                    run.parts.append([local, length])
+                else:
+                    self.runs.append(_Run(opcode, remote, length, [(index, length)],
+                                          [[local, length]]))
+                    return
                 run.owners.append((index, length))
                 run.length += length
                 return
-        self.runs.append(_Run(opcode, local, remote, length, [(index, length)]))
+        self.runs.append(_Run(opcode, remote, length, [(index, length)], [[local, length]]))
 
     def cut(self, slice_size: int) -> None:
         """Cut every run into slices of at most ``slice_size`` bytes."""
         for run in self.runs:
             owners = iter(run.owners)
             index, left = next(owners)
+            pieces = iter(run.parts)
+            at, avail = next(pieces)
             for off in range(0, run.length, slice_size):
                 n = min(slice_size, run.length - off)
                 parts: list[tuple[int, int]] = []
@@ -179,8 +192,19 @@ class Route:
                     left -= take
                     if left == 0:
                         index, left = next(owners, (-1, 0))
-                self.items.append((tuple(parts), Slice(run.opcode, run.local + off,
-                                                       run.remote + off, n)))
+                local: list[tuple[int, int]] = []
+                need = n
+                while need:
+                    take = min(need, avail)
+                    local.append((at, take))
+                    need -= take
+                    at += take
+                    avail -= take
+                    if avail == 0:
+                        at, avail = next(pieces, (0, 0))
+                self.items.append((tuple(parts), Slice(
+                    run.opcode, local[0][0], run.remote + off, n,
+                    tuple(local) if len(local) > 1 else ())))
         self.runs.clear()
 
 

@@ -25,12 +25,22 @@ class Opcode(enum.IntEnum):
 
 @dataclass(frozen=True, slots=True)
 class Slice:
-    """A contiguous piece of one request. The engine has already range-checked both sides."""
+    """A piece of one or more requests. The engine has already range-checked both sides.
+
+    The remote side is always one contiguous range. The local side is ``length`` bytes at
+    ``local_addr``, or, when ``parts`` is set (only for a transport whose ``gather`` is true),
+    the ``(address, length)`` pieces of ``parts`` in order: an object put from one page per
+    layer into one replica is one slice, not one per page."""
 
     opcode: Opcode
     local_addr: int
     remote_addr: int
     length: int
+    parts: tuple[tuple[int, int], ...] = ()
+
+    def pieces(self) -> tuple[tuple[int, int], ...]:
+        """The local ``(address, length)`` pieces, in order."""
+        return self.parts or ((self.local_addr, self.length),)
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,6 +69,8 @@ class Transport(ABC):
     """One way of moving bytes. Instances belong to one engine and live as long as it does."""
 
     name: ClassVar[str]
+    gather: ClassVar[bool] = False
+    """Whether :meth:`execute` takes slices whose local side is several pieces (``parts``)."""
 
     @abstractmethod
     async def start(self) -> dict[str, Any]:

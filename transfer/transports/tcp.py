@@ -71,6 +71,7 @@ class TcpTransport(Transport):
     """Transport over TCP; see the module docstring for the protocol."""
 
     name = "tcp"
+    gather = True  # a write's payload is sent from its pieces in turn, a read received into them
 
     def __init__(self, registry: MemoryRegistry, *, host: str, bind_host: str | None = None,
                  secret: bytes | None = None, streams_per_peer: int = 4,
@@ -204,10 +205,13 @@ class TcpTransport(Transport):
                 head = _REQ.pack(_MAGIC, s.opcode, 0, tag, s.remote_addr, s.length)
                 if s.opcode != Opcode.WRITE:
                     send(sock, head, None)
-                elif send_polled:
-                    _send_polling(sock, head, memory_at(s.local_addr, s.length), poll)
                 else:
-                    send(sock, head, memory_at(s.local_addr, s.length))
+                    for address, n in s.pieces():  # one payload, gathered from the pieces
+                        if send_polled:
+                            _send_polling(sock, head, memory_at(address, n), poll)
+                        else:
+                            send(sock, head, memory_at(address, n))
+                        head = b""
                 inflight.append((tag, s))
                 continue
             tag, s = inflight.pop(0)
@@ -227,7 +231,8 @@ class TcpTransport(Transport):
             if s.opcode == Opcode.READ:
                 if length != s.length:
                     raise ConnectionError(f"peer sent {length} bytes, asked for {s.length}")
-                _recv_exact_polling(sock, memory_at(s.local_addr, s.length), poll)
+                for address, n in s.pieces():  # scattered into the pieces, in order
+                    _recv_exact_polling(sock, memory_at(address, n), poll)
         if first_error is not None:
             raise _RemoteError(first_error)
 
