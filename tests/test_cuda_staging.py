@@ -175,3 +175,47 @@ def test_copies_are_ordered_after_the_callers_stream() -> None:
     with torch.cuda.stream(side):
         copy_host_to_device(memoryview(host), dev.data_ptr(), n, 0)
         assert int(dev.min()) == 5 and int(dev.max()) == 5
+
+
+def test_driver_copies_run_in_the_devices_context_and_give_the_callers_back(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The driver path (no GPU here: a stand-in for the driver, the calling code real): the
+    copy runs with the device's primary context current, the caller's own context comes back
+    afterwards, also when the copy fails, and a failed copy raises with the CUDA error."""
+    from transfer import cuda
+
+    class Driver:
+        def __init__(self) -> None:
+            self.current, self.calls, self.rc = "caller's", [], 0
+
+        def context_on(self, device: int) -> tuple[bool, str]:
+            previous, self.current = self.current, f"primary:{device}"
+            return True, previous
+
+        def dtoh(self, dst: int, src: int, n: int) -> int:
+            self.calls.append(("dtoh", self.current))
+            ctypes.memmove(dst, src, n)
+            return self.rc
+
+        def htod(self, dst: int, src: int, n: int) -> int:
+            self.calls.append(("htod", self.current))
+            ctypes.memmove(dst, src, n)
+            return self.rc
+
+        def set_current(self, ctx: str) -> int:
+            self.current = ctx
+            return 0
+
+    driver = Driver()
+    monkeypatch.setattr(cuda, "_driver_for_copies", lambda: driver)
+    src = np.arange(1000, dtype=np.uint8)
+    dst = np.zeros(1000, dtype=np.uint8)
+    copy_device_to_host(src.ctypes.data, memoryview(dst), 1000, 1)
+    copy_host_to_device(memoryview(src), dst.ctypes.data, 1000, 1)
+    assert (dst == src).all()
+    assert driver.calls == [("dtoh", "primary:1"), ("htod", "primary:1")]
+    assert driver.current == "caller's"
+    driver.rc = 700
+    with pytest.raises(RuntimeError, match="CUDA error 700"):
+        copy_device_to_host(src.ctypes.data, memoryview(dst), 1000, 1)
+    assert driver.current == "caller's"

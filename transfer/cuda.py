@@ -244,21 +244,27 @@ class _Driver:
         self.primary: dict[int, ctypes.c_void_p] = {}
         self.lock = threading.Lock()
 
-    def context_on(self, device: int) -> bool:
-        """Make ``device``'s primary context current on this thread (the one torch uses)."""
+    def context_on(self, device: int) -> tuple[bool, ctypes.c_void_p | None]:
+        """Make ``device``'s primary context (the one torch uses) current on this thread.
+        Returns whether it is, and the caller's own context to restore afterwards, if this
+        replaced one (a thread working on another device keeps its context)."""
         ctx = ctypes.c_void_p()
-        if self.get_current(ctypes.byref(ctx)) == 0 and ctx.value:
+        if self.get_current(ctypes.byref(ctx)) != 0:
+            return False, None
+        if ctx.value:
             current = ctypes.c_int(-1)
             if self.ctx_device(ctypes.byref(current)) == 0 and current.value == device:
-                return True
+                return True, None
         with self.lock:
             primary = self.primary.get(device)
             if primary is None:
                 primary = ctypes.c_void_p()
                 if self.retain(ctypes.byref(primary), device) != 0:
-                    return False
+                    return False, None
                 self.primary[device] = primary
-        return self.set_current(primary) == 0
+        if self.set_current(primary) != 0:
+            return False, None
+        return True, (ctx if ctx.value else None)
 
 
 _driver_copies: _Driver | None | bool = None
@@ -289,9 +295,16 @@ def _on_default_stream(device: int) -> bool:
 def _driver_copy(dst: int, src: int, nbytes: int, device: int, to_host: bool) -> bool:
     """One synchronous ``cuMemcpy``; ``False`` (nothing copied) where it does not apply."""
     driver = _driver_for_copies()
-    if driver is None or not _on_default_stream(device) or not driver.context_on(device):
+    if driver is None or not _on_default_stream(device):
         return False
-    rc = driver.dtoh(dst, src, nbytes) if to_host else driver.htod(dst, src, nbytes)
+    ok, restore = driver.context_on(device)
+    if not ok:
+        return False
+    try:
+        rc = driver.dtoh(dst, src, nbytes) if to_host else driver.htod(dst, src, nbytes)
+    finally:
+        if restore is not None:
+            driver.set_current(restore)
     if rc != 0:
         raise RuntimeError(f"cuMemcpy{'DtoH' if to_host else 'HtoD'} of {nbytes} bytes on "
                            f"cuda:{device} failed: CUDA error {rc}")
