@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 import yaml
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from transfer.config import (
@@ -144,6 +144,7 @@ def test_parse_size_matches_vllm_on_its_grammar(vllm_mooncake_store: ModuleType,
 
 
 @settings(max_examples=300, deadline=None)
+@example(whole=262144, frac="216", unit="gb")  # float rounding: one byte above exact decimals
 @given(
     whole=st.integers(min_value=0, max_value=10**6),
     frac=st.one_of(st.none(), st.text(alphabet="0123456789", min_size=1, max_size=3)),

@@ -7,9 +7,11 @@ bytes here:
 * Units are case-insensitive and **binary**: ``K``/``KB``/``KiB`` = 1024, ``M``/``MB``/``MiB`` =
   1024**2, ``G``/``GB``/``GiB`` = 1024**3, ``T``/``TB``/``TiB`` = 1024**4, ``B`` or no unit = 1.
   ``GB`` is *not* 10**9: Mooncake and vLLM both read ``"4GB"`` as 4 GiB.
-* A fractional number is allowed (``"1.5GB"``) and the byte count is truncated toward zero, as
-  Mooncake's ``int(float(num) * multiplier)`` does. We compute with exact decimals, so large
-  values do not pick up float rounding.
+* A fractional number is allowed (``"1.5GB"``) and the byte count is Mooncake's and vLLM's
+  ``int(float(num) * multiplier)``, float rounding included: ``"262144.216gb"`` is
+  281475208638890 bytes to them, one more than exact arithmetic gives, and a config must mean
+  the same bytes to both. Whole numbers are multiplied exactly (the same result below 2**53
+  bytes, 8 PiB).
 * Plain integers are taken as bytes. Negative sizes, exponents (``1e9``), empty strings, unknown
   units (``"4XB"``) and booleans are rejected rather than guessed at.
 """
@@ -17,7 +19,6 @@ bytes here:
 from __future__ import annotations
 
 import re
-from decimal import Decimal, InvalidOperation
 
 __all__ = ["MAX_SIZE", "format_size", "parse_size"]
 
@@ -81,11 +82,10 @@ def _parse_size_str(text: str) -> int:
     match = _SIZE_RE.match(cleaned)
     if match is None or match.group("unit") not in _UNITS:
         raise ValueError(_ALLOWED)
-    try:
-        number = Decimal(match.group("num"))
-    except InvalidOperation:  # pragma: no cover - the regex only admits valid decimals
-        raise ValueError(_ALLOWED) from None
-    return int(number * _UNITS[match.group("unit")])
+    num, multiplier = match.group("num"), _UNITS[match.group("unit")]
+    if num.isdigit():
+        return int(num) * multiplier
+    return int(float(num) * multiplier)
 
 
 def format_size(size: int) -> str:
