@@ -264,3 +264,22 @@ async def test_polling_is_left_to_a_quiet_server() -> None:
         assert seen == [0, 0, 1, 0, 0]
         assert dst[:n].tolist() == list(range(1, n + 1))
         assert (dst[100:104] == 8).all() and (dst[4096:4096 + 8192] == 9).all()
+
+
+def test_usable_cores_follow_affinity_and_a_cgroup_quota(tmp_path) -> None:
+    """A container's quota (cgroup v2 ``cpu.max``) caps the cores polling and stream splitting
+    count on; no quota, or no cgroup file, leaves the affinity's count."""
+    import os
+
+    from transfer.polling import usable_cores
+
+    affinity = len(os.sched_getaffinity(0))
+    assert usable_cores(str(tmp_path)) == affinity  # no cpu.max here
+    (tmp_path / "cpu.max").write_text("max 100000\n")
+    assert usable_cores(str(tmp_path)) == affinity
+    (tmp_path / "cpu.max").write_text("150000 100000\n")  # 1.5 CPUs: two cores may run
+    assert usable_cores(str(tmp_path)) == min(affinity, 2)
+    (tmp_path / "cpu.max").write_text("5000 100000\n")
+    assert usable_cores(str(tmp_path)) == 1
+    (tmp_path / "cpu.max").write_text("garbage\n")
+    assert usable_cores(str(tmp_path)) == affinity

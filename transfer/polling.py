@@ -21,10 +21,33 @@ import socket
 import time
 from collections.abc import Callable
 
-__all__ = ["poll_recv_exact", "poll_recv_into", "poll_send", "spare_core"]
+__all__ = ["poll_recv_exact", "poll_recv_into", "poll_send", "spare_core", "usable_cores"]
 
 _DONTWAIT = getattr(socket, "MSG_DONTWAIT", 0)
-_CORES = os.cpu_count() or 1
+
+
+def usable_cores(cgroup: str = "/sys/fs/cgroup") -> int:
+    """Cores this process may use: its CPU affinity, capped by a cgroup v2 CPU quota.
+
+    Why not ``os.cpu_count()``: in a container it reports the host's cores, while the container
+    may be pinned to a few (``--cpuset-cpus``) or given a quota (``--cpus``, a Kubernetes
+    limit). Polling and splitting work over streams judged by the host's count would spend a
+    quota of two cores as if there were sixty-four."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cores = os.cpu_count() or 1
+    try:
+        with open(os.path.join(cgroup, "cpu.max")) as f:
+            quota, period = f.read().split()[:2]
+        if quota != "max":
+            cores = min(cores, -(-int(quota) // int(period)))
+    except (OSError, ValueError):
+        pass
+    return max(1, cores)
+
+
+_CORES = usable_cores()
 _SAMPLE_EVERY = 0.005
 _WEIGHT = 0.2  # of each new reading in the running average: it spans ~25 ms of readings
 _sample = [0.0, 0.0]  # when the next reading is due, the running average of other runnables

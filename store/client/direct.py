@@ -19,7 +19,6 @@ memory is a per-thread registered buffer.
 from __future__ import annotations
 
 import asyncio
-import os
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -38,6 +37,7 @@ from transfer.config import split_address
 from transfer.errors import AddressError
 from transfer.memory import memory_at
 from transfer.rpc import BlockingRpcClient, ErrorCode, RpcConnectionError, RpcError
+from transfer.polling import usable_cores
 from transfer.smallpath import SMALL_BATCH_BYTES
 from transfer.transports.base import Opcode
 
@@ -64,7 +64,7 @@ _KEY_REFUSALS = (MasterErrorCode.OBJECT_ALREADY_EXISTS, MasterErrorCode.OBJECT_P
                  MasterErrorCode.INVALID_KEY)
 _WRITERS = 3
 """Helper threads for split writes: with the caller, one per stream of the tcp transport."""
-_FEW_CORES = (os.cpu_count() or 1) < 4
+_FEW_CORES = usable_cores() < 4
 """Whether splitting a mid-size value over streams costs more than it brings here. Each
 stream keeps a sending thread here and a receiving one at the peer busy: with two cores, two
 streams put four busy threads (plus the kernel's loopback work) on them, and a 1 MiB write
