@@ -177,35 +177,37 @@ class Route:
     def cut(self, slice_size: int) -> None:
         """Cut every run into slices of at most ``slice_size`` bytes."""
         for run in self.runs:
-            owners = iter(run.owners)
-            index, left = next(owners)
-            pieces = iter(run.parts)
-            at, avail = next(pieces)
-            for off in range(0, run.length, slice_size):
-                n = min(slice_size, run.length - off)
-                parts: list[tuple[int, int]] = []
-                need = n
-                while need:
-                    take = min(need, left)
-                    parts.append((index, take))
-                    need -= take
-                    left -= take
-                    if left == 0:
-                        index, left = next(owners, (-1, 0))
-                local: list[tuple[int, int]] = []
-                need = n
-                while need:
-                    take = min(need, avail)
-                    local.append((at, take))
-                    need -= take
-                    at += take
-                    avail -= take
-                    if avail == 0:
-                        at, avail = next(pieces, (0, 0))
-                self.items.append((tuple(parts), Slice(
-                    run.opcode, local[0][0], run.remote + off, n,
-                    tuple(local) if len(local) > 1 else ())))
+            owners = _chunks(run.owners, run.length, slice_size, addresses=False)
+            local = _chunks(run.parts, run.length, slice_size, addresses=True)
+            for off, parts, pieces in zip(range(0, run.length, slice_size), owners, local):
+                self.items.append((parts, Slice(run.opcode, pieces[0][0], run.remote + off,
+                                                sum(n for _, n in pieces),
+                                                pieces if len(pieces) > 1 else ())))
         self.runs.clear()
+
+
+def _chunks(spans: Sequence[Sequence[int]], total: int, size: int,
+            addresses: bool) -> list[tuple[tuple[int, int], ...]]:
+    """``(key, length)`` spans covering ``total`` bytes, regrouped into chunks of ``size``
+    bytes: request owners (the key stays the request index) or local pieces (``addresses``:
+    the key is an address, which moves on with the bytes taken)."""
+    out: list[tuple[tuple[int, int], ...]] = []
+    it = iter(spans)
+    key, left = next(it)
+    for off in range(0, total, size):
+        need = min(size, total - off)
+        got: list[tuple[int, int]] = []
+        while need:
+            take = min(need, left)
+            got.append((key, take))
+            need -= take
+            left -= take
+            if addresses:
+                key += take
+            if left == 0:
+                key, left = next(it, (0, 0))
+        out.append(tuple(got))
+    return out
 
 
 async def run_routes(batch: Batch, routes: Sequence[Route], *, paths: int, max_retries: int,
