@@ -36,8 +36,8 @@ from transfer.batch import TransferRequest
 from transfer.config import split_address
 from transfer.errors import AddressError
 from transfer.memory import memory_at
-from transfer.rpc import BlockingRpcClient, ErrorCode, RpcConnectionError, RpcError
 from transfer.polling import usable_cores
+from transfer.rpc import BlockingRpcClient, ErrorCode, RpcConnectionError, RpcError
 from transfer.smallpath import SMALL_BATCH_BYTES
 from transfer.transports.base import Opcode
 
