@@ -92,25 +92,39 @@ def cuda_pointer_info(obj: Any) -> tuple[int, int, int]:
 _CU_POINTER_ATTRIBUTE_MEMORY_TYPE = 2
 _CU_POINTER_ATTRIBUTE_DEVICE_ORDINAL = 9
 _CU_MEMORYTYPE_DEVICE = 2
-_driver: Any = None
+_libcuda: Any = None
 
 
-def _loaded_driver() -> Any:
+def _loaded_libcuda() -> Any:
     """The CUDA driver library if this process has already loaded it, else ``None``.
 
     ``RTLD_NOLOAD`` never loads it: a process that has not loaded the driver cannot hold device
-    memory, so the answer for every address is then "host", at the cost of one ``dlopen``."""
-    global _driver
-    if _driver is None:
+    memory, so the answer for every address is then "host", at the cost of one ``dlopen``
+    (repeated until the driver is there; once found, it is kept)."""
+    global _libcuda
+    if _libcuda is None:
         try:
-            lib = ctypes.CDLL("libcuda.so.1", mode=os.RTLD_NOLOAD | os.RTLD_LAZY)
+            _libcuda = ctypes.CDLL("libcuda.so.1", mode=os.RTLD_NOLOAD | os.RTLD_LAZY)
         except OSError:
+            return None
+    return _libcuda
+
+
+_pointer_attribute: Any = None
+
+
+def _loaded_driver() -> Any:
+    """``cuPointerGetAttribute`` of the loaded driver, or ``None`` (see :func:`_loaded_libcuda`)."""
+    global _pointer_attribute
+    if _pointer_attribute is None:
+        lib = _loaded_libcuda()
+        if lib is None:
             return None
         fn = lib.cuPointerGetAttribute
         fn.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_uint64]
         fn.restype = ctypes.c_int
-        _driver = fn
-    return _driver
+        _pointer_attribute = fn
+    return _pointer_attribute
 
 
 def cuda_pointer_device(address: int) -> int | None:
@@ -273,10 +287,12 @@ _driver_copies: _Driver | None | bool = None
 def _driver_for_copies() -> _Driver | None:
     global _driver_copies
     if _driver_copies is None:
+        lib = _loaded_libcuda()
+        if lib is None:
+            return None
         try:
-            lib = ctypes.CDLL("libcuda.so.1", mode=os.RTLD_NOLOAD | os.RTLD_LAZY)
             _driver_copies = _Driver(lib)
-        except (OSError, AttributeError):
+        except AttributeError:  # a driver without these entry points: torch/cupy copy
             _driver_copies = False
     return _driver_copies or None
 

@@ -154,7 +154,7 @@ class MemoryRegistry:
                 f"0x{region.address:x}+{region.length}")
         return region
 
-    def host_bytes(self, address: int, length: int) -> memoryview | bytes:
+    def host_bytes(self, address: int, length: int) -> memoryview:
         """The registered bytes at ``[address, address + length)`` as the CPU can read them: a
         view of host memory, or a copy of CUDA memory (a checksum or a ``bytes`` result must
         never read a device address on the host; that crashes the process)."""
@@ -162,9 +162,9 @@ class MemoryRegistry:
         device = parse_cuda_location(region.location)
         if device is None:
             return memory_at(address, length)
-        out = bytearray(length)
-        copy_device_to_host(address, memoryview(out), length, device)
-        return bytes(out)
+        out = memoryview(bytearray(length))
+        copy_device_to_host(address, out, length, device)
+        return out
 
     def first(self) -> Region | None:
         regions = self._regions

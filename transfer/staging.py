@@ -222,22 +222,21 @@ class BatchStaging:
         from transfer.batch import RequestStatus
 
         try:
-            work = []
+            work, results = [], []
             for index, (view, region) in self._buffers.items():
                 req = batch.requests[index]
                 result = batch.results[index]
                 if req.opcode == Opcode.READ and result.status is RequestStatus.COMPLETED:
                     work.append((region, req.local_addr, view))
+                    results.append(result)
             if not work:
                 return
             try:
                 await asyncio.get_running_loop().run_in_executor(None, _copy_all, store_region,
                                                                  work)
             except (OSError, RuntimeError, ImportError) as e:
-                for index, (_, _) in self._buffers.items():
-                    req, result = batch.requests[index], batch.results[index]
-                    if req.opcode == Opcode.READ and result.status is RequestStatus.COMPLETED:
-                        result.status, result.error = RequestStatus.FAILED, f"staging out: {e}"
+                for result in results:
+                    result.status, result.error = RequestStatus.FAILED, f"staging out: {e}"
         finally:
             self.release()
 
