@@ -5,6 +5,7 @@ import contextlib
 import os
 import subprocess
 import sys
+import tempfile
 from collections.abc import Iterator
 from typing import Any
 
@@ -18,17 +19,35 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 @contextlib.contextmanager
 def master_process(*extra: str, port: int | None = None) -> Iterator[str]:
-    """``python -m store.master`` on free ports; yields its RPC address."""
-    port = port or free_port()
-    cmd = [sys.executable, "-m", "store.master", "--rpc-port", str(port),
-           "--metrics-port", str(free_port()), "--enable-http-metadata-server", "false",
-           "--client-ttl", "2", "--put-start-timeout", "5", *extra]
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    try:
-        wait_for_port("127.0.0.1", port, 20)
-        yield f"127.0.0.1:{port}"
-    finally:
-        stop_process(proc)
+    """``python -m store.master`` on free ports; yields its RPC address.
+
+    Its log goes to a file, not a pipe nobody reads (a full pipe would stall the master). A
+    master that exits before it listens is reported with that log; if it lost one of its
+    ports to another process (they are picked free before it binds them), it is started again
+    on fresh ones, twice at most. A CI run once lost this fixture's master with no trace."""
+    with tempfile.TemporaryFile() as log:
+        for attempt in range(3):
+            rpc = port or free_port()
+            cmd = [sys.executable, "-m", "store.master", "--rpc-port", str(rpc),
+                   "--metrics-port", str(free_port()), "--enable-http-metadata-server", "false",
+                   "--client-ttl", "2", "--put-start-timeout", "5", *extra]
+            log.seek(0)
+            log.truncate()
+            proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=log)
+            try:
+                wait_for_port("127.0.0.1", rpc, 20, proc=proc)
+                break
+            except (ChildProcessError, TimeoutError) as e:
+                stop_process(proc)
+                log.seek(0)
+                text = log.read().decode("utf-8", "replace")
+                if port is None and attempt < 2 and "in use" in text:
+                    continue
+                raise RuntimeError(f"master {e}:\n{text[-3000:]}") from None
+        try:
+            yield f"127.0.0.1:{rpc}"
+        finally:
+            stop_process(proc)
 
 
 def client_config(master: str, **overrides: Any) -> MooncakeConfig:

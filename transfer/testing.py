@@ -30,10 +30,16 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(s.getsockname()[1])
 
 
-def wait_for_port(host: str, port: int, timeout: float = 30.0) -> None:
-    """Block until something accepts TCP connections on ``host:port`` or raise TimeoutError."""
+def wait_for_port(host: str, port: int, timeout: float = 30.0, *,
+                  proc: subprocess.Popen | None = None) -> None:
+    """Block until something accepts TCP connections on ``host:port`` or raise TimeoutError;
+    with ``proc`` (the process meant to listen there), raise ``ChildProcessError`` at once if
+    it exits first."""
     deadline = time.monotonic() + timeout
     while True:
+        if proc is not None and proc.poll() is not None:
+            raise ChildProcessError(f"exited (rc {proc.returncode}) before listening on "
+                                    f"{host}:{port}")
         try:
             with socket.create_connection((host, port), timeout=0.5):
                 return
