@@ -177,6 +177,86 @@ def test_copies_are_ordered_after_the_callers_stream() -> None:
         assert int(dev.min()) == 5 and int(dev.max()) == 5
 
 
+@pytest.mark.gpu
+def test_a_thread_in_its_own_context_gets_it_back_after_a_copy() -> None:
+    """A thread with a context of its own current (``cuCtxCreate``, as some libraries do)
+    copies memory torch allocated in the primary context: the copy runs in the primary
+    context, the bytes are right both ways, and the thread's own context is current again."""
+    lib = ctypes.CDLL("libcuda.so.1")
+    lib.cuCtxCreate_v2.argtypes = [ctypes.POINTER(ctypes.c_void_p), ctypes.c_uint, ctypes.c_int]
+    lib.cuCtxGetCurrent.argtypes = [ctypes.POINTER(ctypes.c_void_p)]
+    lib.cuCtxDestroy_v2.argtypes = [ctypes.c_void_p]
+    n = 1 << 20
+    dev = torch.full((n,), 3, dtype=torch.uint8, device="cuda:0")
+    torch.cuda.synchronize()
+    host = np.zeros(n, dtype=np.uint8)
+    seen: dict[str, int | None] = {}
+
+    def current() -> int | None:
+        ctx = ctypes.c_void_p()
+        assert lib.cuCtxGetCurrent(ctypes.byref(ctx)) == 0
+        return ctx.value
+
+    def worker() -> None:
+        own = ctypes.c_void_p()
+        assert lib.cuCtxCreate_v2(ctypes.byref(own), 0, 0) == 0
+        try:
+            seen["own"], seen["before"] = own.value, current()
+            copy_device_to_host(dev.data_ptr(), memoryview(host), n, 0)
+            host[:] += 1
+            copy_host_to_device(memoryview(host), dev.data_ptr(), n, 0)
+            seen["after"] = current()
+        finally:
+            lib.cuCtxDestroy_v2(own)
+
+    thread = threading.Thread(target=worker)
+    thread.start()
+    thread.join()
+    assert seen["before"] == seen["own"] == seen["after"] is not None
+    assert (host == 4).all()
+    assert int(dev.min()) == 4 and int(dev.max()) == 4
+
+
+class _StandInDriver:
+    """The driver calls :mod:`transfer.cuda` makes, done by ``memmove`` on host memory: records
+    each call with the context current at the time; ``rc`` fails the calls that copy."""
+
+    def __init__(self) -> None:
+        self.current, self.calls, self.rc = "caller's", [], 0
+
+    def context_on(self, device: int) -> tuple[bool, str]:
+        previous, self.current = self.current, f"primary:{device}"
+        return True, previous
+
+    def dtoh(self, dst: int, src: int, n: int) -> int:
+        self.calls.append(("dtoh", self.current))
+        ctypes.memmove(dst, src, n)
+        return self.rc
+
+    def htod(self, dst: int, src: int, n: int) -> int:
+        self.calls.append(("htod", self.current))
+        ctypes.memmove(dst, src, n)
+        return self.rc
+
+    def dtoh_async(self, dst: int, src: int, n: int, stream: None) -> int:
+        self.calls.append(("dtoh_async", self.current))
+        ctypes.memmove(dst, src, n)
+        return self.rc
+
+    def htod_async(self, dst: int, src: int, n: int, stream: None) -> int:
+        self.calls.append(("htod_async", self.current))
+        ctypes.memmove(dst, src, n)
+        return self.rc
+
+    def sync(self, stream: None) -> int:
+        self.calls.append(("sync", self.current))
+        return 0
+
+    def set_current(self, ctx: str) -> int:
+        self.current = ctx
+        return 0
+
+
 def test_driver_copies_run_in_the_devices_context_and_give_the_callers_back(
         monkeypatch: pytest.MonkeyPatch) -> None:
     """The driver path (no GPU here: a stand-in for the driver, the calling code real): the
@@ -184,29 +264,7 @@ def test_driver_copies_run_in_the_devices_context_and_give_the_callers_back(
     afterwards, also when the copy fails, and a failed copy raises with the CUDA error."""
     from transfer import cuda
 
-    class Driver:
-        def __init__(self) -> None:
-            self.current, self.calls, self.rc = "caller's", [], 0
-
-        def context_on(self, device: int) -> tuple[bool, str]:
-            previous, self.current = self.current, f"primary:{device}"
-            return True, previous
-
-        def dtoh(self, dst: int, src: int, n: int) -> int:
-            self.calls.append(("dtoh", self.current))
-            ctypes.memmove(dst, src, n)
-            return self.rc
-
-        def htod(self, dst: int, src: int, n: int) -> int:
-            self.calls.append(("htod", self.current))
-            ctypes.memmove(dst, src, n)
-            return self.rc
-
-        def set_current(self, ctx: str) -> int:
-            self.current = ctx
-            return 0
-
-    driver = Driver()
+    driver = _StandInDriver()
     monkeypatch.setattr(cuda, "_driver_for_copies", lambda: driver)
     src = np.arange(1000, dtype=np.uint8)
     dst = np.zeros(1000, dtype=np.uint8)
@@ -219,3 +277,33 @@ def test_driver_copies_run_in_the_devices_context_and_give_the_callers_back(
     with pytest.raises(RuntimeError, match="CUDA error 700"):
         copy_device_to_host(src.ctypes.data, memoryview(dst), 1000, 1)
     assert driver.current == "caller's"
+
+
+def test_a_batch_of_copies_is_queued_and_waited_for_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """:func:`copy_many` through the driver (stand-in, calling code real): every piece queued
+    as an async copy in the device's context, one wait, the caller's context back; a failed
+    enqueue still waits for the copies already in flight before it raises."""
+    from transfer import cuda
+
+    driver = _StandInDriver()
+    monkeypatch.setattr(cuda, "_driver_for_copies", lambda: driver)
+    dev = np.arange(4096, dtype=np.uint8)
+    host = np.zeros(4096, dtype=np.uint8)
+    pieces = [(dev.ctypes.data + o, memoryview(host)[o:o + 512], 512)
+              for o in range(0, 4096, 1024)]
+    cuda.copy_many(pieces, 2, to_host=True)
+    assert driver.calls == [("dtoh_async", "primary:2")] * 4 + [("sync", "primary:2")]
+    assert driver.current == "caller's"
+    for o in range(0, 4096, 1024):
+        assert (host[o:o + 512] == dev[o:o + 512]).all() and not host[o + 512:o + 1024].any()
+    driver.calls.clear()
+    cuda.copy_many([(dev.ctypes.data, memoryview(host), 4096)], 2, to_host=False)
+    assert driver.calls == [("htod", "primary:2")]  # one piece: the synchronous copy
+    driver.calls.clear()
+    driver.rc = 1
+    with pytest.raises(RuntimeError, match="CUDA error 1"):
+        cuda.copy_many(pieces, 2, to_host=False)
+    assert driver.calls == [("htod_async", "primary:2"), ("sync", "primary:2")]
+    assert driver.current == "caller's"
+    with pytest.raises(ValueError):
+        cuda.copy_many([(dev.ctypes.data, memoryview(host), -1)], 2, to_host=True)

@@ -150,3 +150,14 @@ def test_blocking_caller_copies_on_its_own_thread() -> None:
         release.set()
         a.close_in()
         b.close_in()
+
+
+@pytest.mark.parametrize("shm", [True, False])
+async def test_copies_to_says_whether_a_known_peer_is_a_memory_copy_away(shm: bool) -> None:
+    """``Engine.copies_to``: the store's caller-thread path splits mid-size values over tcp
+    streams, but not a copy to a same-host peer. Only a peer already known counts."""
+    async with engines(2, **{"transfer.enable_shm": shm}) as (a, b):
+        assert not a.copies_to(b.name)  # not looked up yet
+        await a.open_segment(b.name)
+        assert a.copies_to(b.name) is shm
+        assert not a.copies_to("no-such-peer")

@@ -70,9 +70,9 @@ def fake_device(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, int]]:
 @pytest.mark.parametrize("shm", [False, True], ids=["tcp", "shm"])
 async def test_blocking_callers_stage_device_memory_on_their_own_thread(
         shm: bool, fake_device: list[tuple[str, int]]) -> None:
-    """``transfer_blocking`` with CUDA local memory stays on the caller's thread (tcp: staged
-    through host chunks, a 9 MiB write cut at the 4 MiB chunk size; shm: one device copy
-    straight to or from the peer's pages) instead of the general path's hops."""
+    """``transfer_blocking`` with CUDA local memory stays on the caller's thread instead of
+    taking the general path's hops: staged through host chunks, a 9 MiB write cut at the 4 MiB
+    chunk size (tcp sends the chunks; shm copies them to the peer's pages)."""
     import asyncio
     import threading
 
@@ -106,16 +106,17 @@ async def test_blocking_callers_stage_device_memory_on_their_own_thread(
         assert done and np.array_equal(back, src)
         assert {t for _, t in fake_device} == {done[0]}  # every copy on the caller's thread
         kinds = [k for k, _ in fake_device]
-        assert kinds == (["d2h", "h2d"] if shm else ["d2h"] * 3 + ["h2d"] * 3)
+        assert kinds == ["d2h"] * 3 + ["h2d"] * 3
 
 
 @pytest.mark.timeout(30)
 @pytest.mark.parametrize("shm", [False, True], ids=["tcp", "shm"])
-async def test_general_path_stages_a_batch_of_pieces_in_shared_chunks_in_one_hop(
+async def test_loop_paths_stage_a_batch_of_pieces_in_shared_chunks_in_one_hop(
         shm: bool, fake_device: list[tuple[str, int]], monkeypatch: pytest.MonkeyPatch) -> None:
-    """The loop's path with 64 CUDA pieces of 32 KiB (one per layer, as the connector puts a
-    block): they share one pinned chunk, and all device copies of a batch run in one executor
-    call (one thread), before the transfer for writes and after it for reads."""
+    """The loop's paths with 64 CUDA pieces of 32 KiB (one per layer, as the connector puts a
+    block; tcp: the general path, shm: the fast path): they share one pinned chunk, and all
+    device copies of a batch run in one executor call (one thread), before the transfer for
+    writes and after it for reads."""
     import numpy as np
     from _transfer_util import engines, pattern
 
@@ -143,5 +144,70 @@ async def test_general_path_stages_a_batch_of_pieces_in_shared_chunks_in_one_hop
         h2d = [t for k, t in fake_device if k == "h2d"]
         assert len(d2h) == len(h2d) == count
         assert len(set(d2h)) == 1 and len(set(h2d)) == 1  # one executor call each way
+        pool = a._staging._pool
+        assert pool is not None and pool.allocated == 1 and pool.in_use == 0
+
+
+@pytest.mark.timeout(30)
+async def test_shm_fast_path_copies_device_runs_without_a_free_chunk_straight_to_the_peer(
+        fake_device: list[tuple[str, int]], monkeypatch: pytest.MonkeyPatch) -> None:
+    """From the loop, with every pinned chunk taken, CUDA runs still take the shm fast path:
+    each is copied straight to or from the peer's pages (one copy per run, none pinned)."""
+    import numpy as np
+    from _transfer_util import engines, pattern
+
+    from transfer.batch import TransferRequest
+    from transfer.staging import Staging
+    from transfer.transports.base import Opcode
+
+    monkeypatch.setattr(Staging, "try_lease", lambda self, region, length: None)
+    n = (5 << 20) + 7
+    async with engines(2) as (a, b):
+        src, back = pattern(n, 3), np.zeros(n, np.uint8)
+        sa = await a.register(src, location="cuda:0")
+        ba = await a.register(back, location="cuda:0")
+        rb = (await b.allocate_shared(n)).address
+        await a.transfer([TransferRequest(Opcode.WRITE, sa, b.name, rb, n)])
+        await a.transfer([TransferRequest(Opcode.READ, ba, b.name, rb, n)])
+        assert np.array_equal(back, src)
+        # the 5 MiB run is cut at the 4 MiB chunk size, each piece then copied directly
+        assert [k for k, _ in fake_device] == ["d2h", "d2h", "h2d", "h2d"]
+        assert a._staging._pool is None
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("blocking", [False, True], ids=["loop", "blocking"])
+async def test_a_failed_device_copy_on_the_shm_fast_path_fails_cleanly(
+        blocking: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A CUDA error in a device copy on the shm fast path: from the loop the batch fails with
+    the error (no hang); for a blocking caller the fast path answers None, so the general path
+    redoes the batch and reports. Either way the pinned chunks are given back."""
+    import asyncio
+
+    from _transfer_util import engines, pattern
+
+    from transfer import cuda
+    from transfer.batch import TransferRequest
+    from transfer.errors import TransferFailedError
+    from transfer.transports.base import Opcode
+
+    def broken(*args: object) -> None:
+        raise RuntimeError("cuMemcpyDtoH of 4096 bytes on cuda:0 failed: CUDA error 700")
+
+    monkeypatch.setattr(cuda, "copy_device_to_host", broken)
+    monkeypatch.setattr(cuda, "pinned_allocator", host_allocator)
+    async with engines(2) as (a, b):
+        src = pattern(1 << 20, 5)
+        sa = await a.register(src, location="cuda:0")
+        rb = (await b.allocate_shared(1 << 20)).address
+        reqs = [TransferRequest(Opcode.WRITE, sa + i * 4096, b.name, rb + i * 8192, 4096)
+                for i in range(16)]
+        if blocking:
+            peer = await a.open_segment(b.name)
+            assert a._fast is not None
+            assert await asyncio.to_thread(a._fast.run_blocking, reqs, peer) is None
+        else:
+            with pytest.raises(TransferFailedError, match="CUDA error 700"):
+                await a.transfer(reqs)
         pool = a._staging._pool
         assert pool is not None and pool.allocated == 1 and pool.in_use == 0

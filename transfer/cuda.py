@@ -15,7 +15,8 @@ pageable memory). This module gives the engine and the transports:
   allocator is a parameter, so the pooling logic runs on CPU-only machines too), usable from
   threads (:meth:`StagingPool.lease`) and from asyncio (:meth:`StagingPool.lease_async`).
 - :func:`copy_device_to_host` / :func:`copy_host_to_device`: cudaMemcpy by raw pointer, so the
-  engine can stage any slice of a registered CUDA buffer::
+  engine can stage any slice of a registered CUDA buffer (:func:`copy_many` for a batch of
+  pieces, waited for once)::
 
       pool = StagingPool(chunk_size=4 << 20, count=8)
       async with pool.lease_async(timeout=5) as staging:
@@ -32,7 +33,7 @@ import os
 import sys
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -42,6 +43,7 @@ __all__ = [
     "StagingPool",
     "copy_device_to_host",
     "copy_host_to_device",
+    "copy_many",
     "cuda_pointer_device",
     "cuda_pointer_info",
     "host_allocator",
@@ -248,27 +250,30 @@ class _Driver:
         self.get_current, self.set_current = lib.cuCtxGetCurrent, lib.cuCtxSetCurrent
         self.get_current.argtypes = [ctypes.POINTER(ctypes.c_void_p)]
         self.set_current.argtypes = [ctypes.c_void_p]
-        self.ctx_device = lib.cuCtxGetDevice
-        self.ctx_device.argtypes = [ctypes.POINTER(ctypes.c_int)]
         self.retain = lib.cuDevicePrimaryCtxRetain
         self.retain.argtypes = [ctypes.POINTER(ctypes.c_void_p), ctypes.c_int]
-        for fn in (self.dtoh, self.htod, self.get_current, self.set_current, self.ctx_device,
-                   self.retain):
+        self.dtoh_async, self.htod_async = lib.cuMemcpyDtoHAsync_v2, lib.cuMemcpyHtoDAsync_v2
+        self.dtoh_async.argtypes = [ctypes.c_void_p, ctypes.c_uint64, ctypes.c_size_t,
+                                    ctypes.c_void_p]
+        self.htod_async.argtypes = [ctypes.c_uint64, ctypes.c_void_p, ctypes.c_size_t,
+                                    ctypes.c_void_p]
+        self.sync = lib.cuStreamSynchronize
+        self.sync.argtypes = [ctypes.c_void_p]
+        for fn in (self.dtoh, self.htod, self.get_current, self.set_current, self.retain,
+                   self.dtoh_async, self.htod_async, self.sync):
             fn.restype = ctypes.c_int
         self.primary: dict[int, ctypes.c_void_p] = {}
         self.lock = threading.Lock()
 
     def context_on(self, device: int) -> tuple[bool, ctypes.c_void_p | None]:
-        """Make ``device``'s primary context (the one torch uses) current on this thread.
-        Returns whether it is, and the caller's own context to restore afterwards, if this
-        replaced one (a thread working on another device keeps its context)."""
+        """Make ``device``'s primary context (the one torch and cupy allocate in) current on
+        this thread. Returns whether it is, and the caller's own context to restore afterwards
+        if this replaced one: a thread working in another context (another device's, or one
+        it created itself) gets it back. A thread with none keeps the primary one, as after
+        any torch call."""
         ctx = ctypes.c_void_p()
         if self.get_current(ctypes.byref(ctx)) != 0:
             return False, None
-        if ctx.value:
-            current = ctypes.c_int(-1)
-            if self.ctx_device(ctypes.byref(current)) == 0 and current.value == device:
-                return True, None
         with self.lock:
             primary = self.primary.get(device)
             if primary is None:
@@ -276,6 +281,8 @@ class _Driver:
                 if self.retain(ctypes.byref(primary), device) != 0:
                     return False, None
                 self.primary[device] = primary
+        if ctx.value == primary.value:
+            return True, None
         if self.set_current(primary) != 0:
             return False, None
         return True, (ctx if ctx.value else None)
@@ -308,23 +315,43 @@ def _on_default_stream(device: int) -> bool:
     return True
 
 
-def _driver_copy(dst: int, src: int, nbytes: int, device: int, to_host: bool) -> bool:
-    """One synchronous ``cuMemcpy``; ``False`` (nothing copied) where it does not apply."""
+def _driver_copies_of(copies: Sequence[tuple[int, int, int]], device: int,
+                      to_host: bool) -> bool:
+    """``(dst, src, nbytes)`` copies on the legacy default stream through the driver: one
+    synchronous ``cuMemcpy``, or several queued as async copies and waited for once. ``False``
+    (nothing copied) where the driver path does not apply."""
     driver = _driver_for_copies()
     if driver is None or not _on_default_stream(device):
         return False
     ok, restore = driver.context_on(device)
     if not ok:
         return False
+    rc, failed = 0, 0
     try:
-        rc = driver.dtoh(dst, src, nbytes) if to_host else driver.htod(dst, src, nbytes)
+        if len(copies) == 1:
+            dst, src, n = copies[0]
+            rc = driver.dtoh(dst, src, n) if to_host else driver.htod(dst, src, n)
+            failed = n
+        else:
+            queue = driver.dtoh_async if to_host else driver.htod_async
+            for dst, src, n in copies:
+                rc, failed = queue(dst, src, n, None), n
+                if rc != 0:
+                    break
+            synced = driver.sync(None)  # also after a failed enqueue: copies are in flight
+            rc = rc or synced
     finally:
         if restore is not None:
             driver.set_current(restore)
     if rc != 0:
-        raise RuntimeError(f"cuMemcpy{'DtoH' if to_host else 'HtoD'} of {nbytes} bytes on "
+        raise RuntimeError(f"cuMemcpy{'DtoH' if to_host else 'HtoD'} of {failed} bytes on "
                            f"cuda:{device} failed: CUDA error {rc}")
     return True
+
+
+def _driver_copy(dst: int, src: int, nbytes: int, device: int, to_host: bool) -> bool:
+    """One synchronous ``cuMemcpy``; ``False`` (nothing copied) where it does not apply."""
+    return _driver_copies_of([(dst, src, nbytes)], device, to_host)
 
 
 def _copy(dst: int, src: int, nbytes: int, device: int, to_host: bool) -> None:
@@ -365,6 +392,28 @@ def copy_device_to_host(dev_ptr: int, host: int | memoryview, nbytes: int, devic
 def copy_host_to_device(host: int | memoryview, dev_ptr: int, nbytes: int, device: int) -> None:
     """Synchronously copy ``nbytes`` from host memory (address or view) to device memory."""
     _copy(dev_ptr, _host_address(host), nbytes, device, to_host=False)
+
+
+def copy_many(copies: Sequence[tuple[int, int | memoryview, int]], device: int,
+              to_host: bool) -> None:
+    """Several ``(device pointer, host address or view, nbytes)`` copies between one device and
+    host memory, all done when this returns.
+
+    Why: the connector moves a KV block as one piece per layer, and a synchronous copy pays the
+    driver's fixed cost per piece (10-13 us on an H200, whatever the size). While the caller's
+    stream is the default one, the pieces are queued as async copies and waited for once;
+    otherwise each is copied on its own on the caller's stream."""
+    if any(n < 0 for _, _, n in copies):
+        raise ValueError("nbytes must be >= 0")
+    work = [(_host_address(host), dev, n) if to_host else (dev, _host_address(host), n)
+            for dev, host, n in copies if n > 0]
+    if len(work) > 1 and _driver_copies_of(work, device, to_host):
+        return
+    for dev, host, n in copies:
+        if to_host:
+            copy_device_to_host(dev, host, n, device)
+        else:
+            copy_host_to_device(host, dev, n, device)
 
 
 @dataclass(frozen=True, slots=True)

@@ -151,7 +151,7 @@ class Engine(Registration):
                                    t.io_timeout, self._staging)
         if t.enable_shm:  # same-host shortcuts: both trust the /dev/shm probe
             shm = self._transports["shm"] = ShmTransport(self._probe)
-            self._fast = ShmFastPath(self.registry, shm)
+            self._fast = ShmFastPath(self.registry, shm, self._staging)
             self._transports["file"] = FileTransport(self._probe)
         if cfg.protocol == "rdma":
             from transfer.transports.rdma import RdmaTransport  # needs pyverbs: import lazily
@@ -466,6 +466,13 @@ class Engine(Registration):
         if "rdma" in self._transports and "rdma" in entries and self._can_reach(peer, "rdma"):
             return "rdma"
         return "tcp"
+
+    def copies_to(self, segment: str) -> bool:
+        """Whether a blocking caller's batch to ``segment`` (a peer already known) is a memory
+        copy on the shm fast path, not a network exchange: splitting it over streams then only
+        adds thread hand-offs."""
+        peer = self._cache.lookup(segment)
+        return peer is not None and self._fast is not None and self._can_reach(peer, "shm")
 
     def _can_reach(self, peer: PeerSegment, tname: str) -> bool:
         key = (peer.desc.engine_id, tname)

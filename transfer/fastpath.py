@@ -14,13 +14,19 @@ both sides are plain host memory, this path instead
 - and records completion as one lengths sequence, not one object per request.
 
 A blocking caller (``Engine.transfer_blocking``) runs all of it on its own thread
-(:meth:`ShmFastPath.run_blocking`): no hop to the loop and back. There, CUDA local memory
-qualifies too: the device copy goes straight to or from the peer's shared pages.
+(:meth:`ShmFastPath.run_blocking`): no hop to the loop and back.
 
-Anything unusual - another transport, file buffers (or CUDA ones from the loop), a bad
-address, a peer file that cannot be mapped - returns ``None`` and the batch takes the general
-path, which produces the precise per-request error or status. So this path never decides a
-failure on its own.
+CUDA local memory qualifies too. Its runs are cut at the staging chunk size and packed into
+pinned chunks: one batched device copy fills (or drains) them all, and the chunks move to or
+from the peer's pages as merged runs, like host memory. On an H200 host 512 pieces of 32 KiB
+(a KV block per layer, as the connector puts them) took 10.2 ms as one synchronous copy each
+and 3.0 ms batched into pinned memory; batched straight into the peer's (pageable) pages, 8.5
+ms. A run that finds no free chunk is copied straight to or from the peer's pages.
+
+Anything unusual - another transport, file buffers, a bad address, a peer file that cannot be
+mapped - returns ``None`` and the batch takes the general path, which produces the precise
+per-request error or status. So this path decides no failure on its own, except a device copy
+failing on the loop's path (a CUDA error), which fails the batch.
 """
 from __future__ import annotations
 
@@ -34,7 +40,7 @@ from typing import TYPE_CHECKING
 from transfer.batch import Batch, RequestStatus, TransferRequest
 from transfer.errors import AddressError
 from transfer.memory import MemoryRegistry, Region, memory_at
-from transfer.staging import load_region, store_region
+from transfer.staging import BatchStaging, Staging, copy_regions, load_region, store_region
 from transfer.transports.base import Opcode
 from transfer.transports.shm import ShmTransport, copy_runs
 
@@ -61,8 +67,7 @@ Runs = list[tuple[int, int, int]]
 class CopyPlan:
     """A validated batch: its merged copy runs and the per-request lengths for status.
     ``device``: runs whose local side is CUDA memory, ``(opcode, region, local address, mapped
-    peer address, length)``, copied by the CUDA runtime straight to or from the peer's pages
-    (blocking callers only)."""
+    peer address, length)``, staged through pinned chunks (:meth:`ShmFastPath.copy_device`)."""
 
     __slots__ = ("device", "lengths", "runs", "total")
 
@@ -96,14 +101,16 @@ class CopyPlan:
 class ShmFastPath:
     """Plans batches for the shm fast path; one per engine."""
 
-    def __init__(self, registry: MemoryRegistry, transport: ShmTransport) -> None:
+    def __init__(self, registry: MemoryRegistry, transport: ShmTransport,
+                 staging: Staging | None = None) -> None:
         self._registry = registry
         self._transport = transport
+        self._staging = staging
 
     def plan(self, requests: Sequence[TransferRequest], peer: PeerSegment,
-             device: bool = False) -> CopyPlan | None:
+             device: bool = True) -> CopyPlan | None:
         """The copy plan of ``requests`` (all to ``peer``), or None to use the general path.
-        ``device``: CUDA local memory qualifies too (a blocking caller copies it itself)."""
+        ``device``: whether CUDA local memory qualifies."""
         # Whole-batch checks first, each one C-level pass over the batch.
         if set(map(type, requests)) != {TransferRequest} \
                 or set(map(_segment, requests)) != {peer.name}:
@@ -157,8 +164,8 @@ class ShmFastPath:
 
     def execute(self, batch_id: int, requests: Sequence[TransferRequest],
                 plan: CopyPlan) -> Batch:
-        """Start (or, when small, finish) copying ``plan``; returns the batch."""
-        if plan.total <= INLINE_COPY_BYTES:
+        """Start (or, when small and host-only, finish) copying ``plan``; returns the batch."""
+        if not plan.device and plan.total <= INLINE_COPY_BYTES:
             copy_runs(plan.runs)
             return Batch.completed(batch_id, requests, plan.lengths)
         batch = Batch(batch_id, requests)
@@ -174,28 +181,71 @@ class ShmFastPath:
         64 KiB x 128 batch, so the whole batch runs here; big ones also borrow the transport's
         copy threads.
         """
-        plan = self.plan(requests, peer, device=True)
+        plan = self.plan(requests, peer)
         if plan is None:
             return None
-        if plan.total <= INLINE_COPY_BYTES:
-            copy_runs(plan.runs)
-        else:
-            self._transport.copy_runs_blocking(plan.parts(self._transport.workers))
-        for op, region, local, mapped, n in plan.device:
-            try:  # one device copy, straight to or from the peer's pages
-                if op is Opcode.WRITE:
-                    load_region(region, local, memory_at(mapped, n))
-                else:
-                    store_region(region, local, memory_at(mapped, n))
+        self._copy_host(plan.runs, plan.total)
+        if plan.device:
+            try:
+                self.copy_device(plan.device)
             except Exception:  # noqa: BLE001 - the general path redoes it and reports why
                 logger.warning("device copy on the shm fast path failed; the general path "
                                "takes over", exc_info=True)
                 return None
         return plan
 
-    async def _run(self, batch: Batch, plan: CopyPlan) -> None:
+    def _copy_host(self, runs: Runs, total: int) -> None:
+        """Copy host runs on this thread (not the loop's), big ones split over the transport's
+        copy threads too."""
+        if total <= INLINE_COPY_BYTES:
+            copy_runs(runs)
+        else:
+            self._transport.copy_runs_blocking(CopyPlan(runs, [], total).parts(
+                self._transport.workers))
+
+    def copy_device(self, device: Sequence[tuple[Opcode, Region, int, int, int]]) -> None:
+        """Copy a plan's CUDA runs on this thread (not the loop's, nor a transport copy thread).
+
+        Runs are cut at the chunk size and packed into pinned chunks: one batched device copy
+        (:func:`transfer.cuda.copy_many`) fills the chunks of WRITEs, merged memmoves carry
+        them to the peer's pages (and READs back), one batched copy drains the READs' chunks.
+        A piece that finds no free chunk is copied straight to or from the peer's pages."""
+        staged = BatchStaging(self._staging)
+        loads: list[tuple[Region, int, memoryview]] = []
+        stores: list[tuple[Region, int, memoryview]] = []
+        runs: Runs = []
+        direct: list[tuple[Opcode, Region, int, int, int]] = []
         try:
-            await self._transport.copy_runs(plan.parts(self._transport.workers))
+            for op, region, local, mapped, n in device:
+                step = self._staging.chunk_size if self._staging is not None else n
+                for off in range(0, n, step):
+                    k = min(step, n - off)
+                    got = staged.pinned(region, k)
+                    if got is None:
+                        direct.append((op, region, local + off, mapped + off, k))
+                    elif op is Opcode.WRITE:
+                        loads.append((region, local + off, got[0]))
+                        runs.append((mapped + off, got[1], k))
+                    else:
+                        runs.append((got[1], mapped + off, k))
+                        stores.append((region, local + off, got[0]))
+            copy_regions(load_region, loads)
+            runs = merge_runs(runs)
+            self._copy_host(runs, sum(n for _, _, n in runs))
+            copy_regions(store_region, stores)
+            for op, region, local, mapped, n in direct:
+                copy = load_region if op is Opcode.WRITE else store_region
+                copy(region, local, memory_at(mapped, n))
+        finally:
+            staged.release()
+
+    async def _run(self, batch: Batch, plan: CopyPlan) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            work = [self._transport.copy_runs(plan.parts(self._transport.workers))]
+            if plan.device:  # on the default executor: it uses the transport's copy threads
+                work.append(loop.run_in_executor(None, self.copy_device, plan.device))
+            await asyncio.gather(*work)
             done = RequestStatus.COMPLETED
             for r, n in zip(batch.results, plan.lengths):
                 r.status, r.transferred = done, n
@@ -203,8 +253,24 @@ class ShmFastPath:
             for r in batch.results:
                 r.status, r.error = RequestStatus.FAILED, "cancelled (engine closed)"
             raise
+        except (OSError, RuntimeError, ImportError) as e:  # a device copy failed
+            for r in batch.results:
+                r.status, r.error = RequestStatus.FAILED, f"copy failed: {e}"
         finally:
             batch._finish()
+
+
+def merge_runs(runs: Runs) -> Runs:
+    """``(dst, src, length)`` runs with each one that continues the previous on both sides
+    joined to it (staged pieces of one object are contiguous in their chunk and at the peer)."""
+    out: Runs = []
+    for dst, src, n in runs:
+        if out and out[-1][0] + out[-1][2] == dst and out[-1][1] + out[-1][2] == src:
+            d0, s0, n0 = out[-1]
+            out[-1] = (d0, s0, n0 + n)
+        else:
+            out.append((dst, src, n))
+    return out
 
 
 def _merge(ops: list[Opcode], la: list[int], ra: list[int],

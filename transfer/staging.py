@@ -31,7 +31,8 @@ if TYPE_CHECKING:
     from transfer.batch import Batch, TransferRequest
     from transfer.cuda import StagingBuffer, StagingPool
 
-__all__ = ["BatchStaging", "Staging", "load_region", "staged_slices", "store_region"]
+__all__ = ["BatchStaging", "Staging", "copy_regions", "load_region", "staged_slices",
+           "store_region"]
 
 
 def _device(region: Region) -> int:
@@ -149,6 +150,7 @@ def staged_slices(staging: Staging, slices: Sequence[Slice],
     that produced the bytes."""
     with contextlib.ExitStack() as stack:
         out: list[Slice] = []
+        loads: list[tuple[Region, int, memoryview]] = []
         back: list[tuple[Region, int, memoryview]] = []
         held: list[memoryview] = []  # a pageable buffer lives only as long as its view
         for s, region in zip(slices, regions):
@@ -158,14 +160,11 @@ def staged_slices(staging: Staging, slices: Sequence[Slice],
             view = stack.enter_context(staging.host_buffer(region, s.length))
             held.append(view)
             address = ctypes.addressof(ctypes.c_char.from_buffer(view))
-            if s.opcode == Opcode.WRITE:
-                load_region(region, s.local_addr, view)
-            else:
-                back.append((region, s.local_addr, view))
+            (loads if s.opcode == Opcode.WRITE else back).append((region, s.local_addr, view))
             out.append(Slice(s.opcode, address, s.remote_addr, s.length))
+        copy_regions(load_region, loads)
         yield out
-        for region, address, view in back:
-            store_region(region, address, view)
+        copy_regions(store_region, back)
 
 
 class BatchStaging:
@@ -192,18 +191,27 @@ class BatchStaging:
         self._buffers[index] = (view, local)
         return address
 
-    def _host(self, local: Region, n: int) -> tuple[memoryview, int]:
+    def pinned(self, local: Region, n: int) -> tuple[memoryview, int] | None:
+        """``n`` bytes of a pinned chunk for CUDA region ``local`` (packed right after the
+        previous request's, so pieces that follow each other stay contiguous), or None when
+        no chunk is free or ``n`` does not fit in one."""
         staging = self._staging
-        if staging is not None and local.is_cuda and n <= staging.chunk_size:
-            if self._chunk is not None and self._chunk[1] + n <= staging.chunk_size:
-                chunk, used = self._chunk
-            else:
-                chunk, used = staging.try_lease(local, n), 0
-                if chunk is not None:
-                    self._owners.append(chunk)
-            if chunk is not None:
-                self._chunk = (chunk, (used + n + 63) & ~63)
-                return chunk.view[used:used + n], chunk.address + used
+        if staging is None or not local.is_cuda or n > staging.chunk_size:
+            return None
+        if self._chunk is not None and self._chunk[1] + n <= staging.chunk_size:
+            chunk, used = self._chunk
+        else:
+            chunk, used = staging.try_lease(local, n), 0
+            if chunk is None:
+                return None
+            self._owners.append(chunk)
+        self._chunk = (chunk, (used + n + 63) & ~63)
+        return chunk.view[used:used + n], chunk.address + used
+
+    def _host(self, local: Region, n: int) -> tuple[memoryview, int]:
+        got = self.pinned(local, n)
+        if got is not None:
+            return got
         buf = bytearray(n)
         pin = (ctypes.c_char * n).from_buffer(buf)
         self._owners.append((buf, pin))
@@ -215,7 +223,7 @@ class BatchStaging:
                 for i, (view, region) in self._buffers.items()
                 if batch.requests[i].opcode == Opcode.WRITE]
         if work:
-            await asyncio.get_running_loop().run_in_executor(None, _copy_all, load_region, work)
+            await asyncio.get_running_loop().run_in_executor(None, copy_regions, load_region, work)
 
     async def finish(self, batch: Batch) -> None:
         """After the transfer: write READ results back to their file/CUDA destinations."""
@@ -232,7 +240,7 @@ class BatchStaging:
             if not work:
                 return
             try:
-                await asyncio.get_running_loop().run_in_executor(None, _copy_all, store_region,
+                await asyncio.get_running_loop().run_in_executor(None, copy_regions, store_region,
                                                                  work)
             except (OSError, RuntimeError, ImportError) as e:
                 for result in results:
@@ -250,7 +258,18 @@ class BatchStaging:
                 self._staging.give_back(owner)
 
 
-def _copy_all(copy: Callable[[Region, int, memoryview], None],
-              work: Sequence[tuple[Region, int, memoryview]]) -> None:
+def copy_regions(copy: Callable[[Region, int, memoryview], None],
+                 work: Sequence[tuple[Region, int, memoryview]]) -> None:
+    """The copies of one batch: a device's pieces as one :func:`transfer.cuda.copy_many` (one
+    wait for all of them), file ranges one by one."""
+    by_device: dict[int, list[tuple[int, memoryview, int]]] = {}
     for region, address, view in work:
-        copy(region, address, view)
+        if region.is_cuda:
+            by_device.setdefault(_device(region), []).append((address, view, len(view)))
+        else:
+            copy(region, address, view)
+    if by_device:
+        from transfer import cuda
+
+        for device, copies in by_device.items():
+            cuda.copy_many(copies, device, to_host=copy is load_region)
