@@ -211,3 +211,31 @@ async def test_a_failed_device_copy_on_the_shm_fast_path_fails_cleanly(
                 await a.transfer(reqs)
         pool = a._staging._pool
         assert pool is not None and pool.allocated == 1 and pool.in_use == 0
+
+
+@pytest.mark.timeout(30)
+async def test_general_path_cuts_a_large_cuda_request_into_pinned_chunks(
+        fake_device: list[tuple[str, int]], monkeypatch: pytest.MonkeyPatch) -> None:
+    """From the loop over tcp, a CUDA request longer than a pinned chunk (9 MiB, 4 MiB chunks)
+    is staged a chunk per piece (the pieces then travel as one gathered run), instead of in
+    pageable memory of its full length; the bytes come back whole."""
+    import numpy as np
+    from _transfer_util import engines, pattern
+
+    from transfer import cuda
+    from transfer.batch import TransferRequest
+    from transfer.transports.base import Opcode
+
+    monkeypatch.setattr(cuda, "pinned_allocator", host_allocator)
+    n = (9 << 20) + 5
+    async with engines(2, **{"transfer.enable_shm": False}) as (a, b):
+        src, back = pattern(n, 11), np.zeros(n, np.uint8)
+        sa = await a.register(src, location="cuda:0")
+        ba = await a.register(back, location="cuda:0")
+        rb = await b.register(np.zeros(n, np.uint8))
+        await a.transfer([TransferRequest(Opcode.WRITE, sa, b.name, rb, n)])
+        await a.transfer([TransferRequest(Opcode.READ, ba, b.name, rb, n)])
+        assert np.array_equal(back, src)
+        assert [k for k, _ in fake_device] == ["d2h"] * 3 + ["h2d"] * 3
+        pool = a._staging._pool
+        assert pool is not None and pool.allocated == 3 and pool.in_use == 0

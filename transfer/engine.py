@@ -436,8 +436,11 @@ class Engine(Registration):
                             dict(peer.desc.transports.get(tname, {})), buffers,
                             on_failure=lambda name=peer.name: self._peer_failed(name))
                     chosen[(peer.name, remote.address)] = route
-                local_addr = req.local_addr if local.direct else staged.add(i, req, local)
-                route.add(i, req.opcode, local_addr, req.remote_addr, req.length)
+                if local.direct:
+                    route.add(i, req.opcode, req.local_addr, req.remote_addr, req.length)
+                    continue
+                for address, off, n in staged.add(i, req, local):
+                    route.add(i, req.opcode, address, req.remote_addr + off, n)
             for route in routes.values():
                 route.cut(cfg.slice_size)
             await staged.load(batch)

@@ -178,18 +178,30 @@ class BatchStaging:
 
     def __init__(self, staging: Staging | None = None) -> None:
         self._staging = staging
-        self._buffers: dict[int, tuple[memoryview, Region]] = {}
+        # (request index, its local address staged here, the host view, its region)
+        self._buffers: list[tuple[int, int, memoryview, Region]] = []
         self._owners: list[Any] = []  # pinned chunks to give back; pageable memory to keep alive
         self._chunk: tuple[Any, int] | None = None  # the pinned chunk being filled, its used bytes
 
-    def add(self, index: int, req: TransferRequest, local: Region) -> int:
-        """The host address the transports should use for request ``index`` (nothing copied
-        yet: :meth:`load` does that for the whole batch)."""
+    def add(self, index: int, req: TransferRequest, local: Region) -> list[tuple[int, int, int]]:
+        """``(host address, offset in the request, length)`` pieces the transports should use
+        for request ``index`` (nothing copied yet: :meth:`load` does that for the whole batch).
+
+        A CUDA request longer than a pinned chunk is cut at the chunk size, a chunk per piece:
+        staged whole it would need pageable memory, and a 16 MiB put of CUDA memory over tcp
+        ran at 2.0-2.9 GB/s that way on an H200 host, against 6.2-6.6 GB/s for host memory."""
         if not (local.is_file or local.is_cuda):
-            return req.local_addr
-        view, address = self._host(local, req.length)
-        self._buffers[index] = (view, local)
-        return address
+            return [(req.local_addr, 0, req.length)]
+        step = req.length
+        if local.is_cuda and self._staging is not None:
+            step = min(step, self._staging.chunk_size)
+        pieces = []
+        for off in range(0, req.length, step):
+            n = min(step, req.length - off)
+            view, address = self._host(local, n)
+            self._buffers.append((index, req.local_addr + off, view, local))
+            pieces.append((address, off, n))
+        return pieces
 
     def pinned(self, local: Region, n: int) -> tuple[memoryview, int] | None:
         """``n`` bytes of a pinned chunk for CUDA region ``local`` (packed right after the
@@ -219,9 +231,8 @@ class BatchStaging:
 
     async def load(self, batch: Batch) -> None:
         """Fill the staging buffers of the batch's WRITE requests, in one executor call."""
-        work = [(region, batch.requests[i].local_addr, view)
-                for i, (view, region) in self._buffers.items()
-                if batch.requests[i].opcode == Opcode.WRITE]
+        work = [(region, address, view) for index, address, view, region in self._buffers
+                if batch.requests[index].opcode == Opcode.WRITE]
         if work:
             await asyncio.get_running_loop().run_in_executor(None, copy_regions, load_region, work)
 
@@ -230,27 +241,27 @@ class BatchStaging:
         from transfer.batch import RequestStatus
 
         try:
-            work, results = [], []
-            for index, (view, region) in self._buffers.items():
-                req = batch.requests[index]
-                result = batch.results[index]
-                if req.opcode == Opcode.READ and result.status is RequestStatus.COMPLETED:
-                    work.append((region, req.local_addr, view))
-                    results.append(result)
+            work, indices = [], set()
+            for index, address, view, region in self._buffers:
+                if batch.requests[index].opcode == Opcode.READ \
+                        and batch.results[index].status is RequestStatus.COMPLETED:
+                    work.append((region, address, view))
+                    indices.add(index)
             if not work:
                 return
             try:
                 await asyncio.get_running_loop().run_in_executor(None, copy_regions, store_region,
                                                                  work)
             except (OSError, RuntimeError, ImportError) as e:
-                for result in results:
+                for index in indices:
+                    result = batch.results[index]
                     result.status, result.error = RequestStatus.FAILED, f"staging out: {e}"
         finally:
             self.release()
 
     def release(self) -> None:
         """Give pinned chunks back to the pool and drop pageable buffers."""
-        owners, self._owners, self._buffers, self._chunk = self._owners, [], {}, None
+        owners, self._owners, self._buffers, self._chunk = self._owners, [], [], None
         if self._staging is None:
             return
         for owner in owners:
