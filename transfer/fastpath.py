@@ -227,10 +227,10 @@ class ShmFastPath:
                     else:
                         runs.append((got[1], mapped + off, k))
                         stores.append((region, local + off, got[0]))
-            copy_regions(load_region, loads)
+            copy_regions(loads, load=True)
             runs = merge_runs(runs)
             self._copy_host(runs, sum(n for _, _, n in runs))
-            copy_regions(store_region, stores)
+            copy_regions(stores, load=False)
             for op, region, local, mapped, n in direct:
                 copy = load_region if op is Opcode.WRITE else store_region
                 copy(region, local, memory_at(mapped, n))

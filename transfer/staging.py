@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import functools
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
@@ -162,9 +163,9 @@ def staged_slices(staging: Staging, slices: Sequence[Slice],
             address = ctypes.addressof(ctypes.c_char.from_buffer(view))
             (loads if s.opcode == Opcode.WRITE else back).append((region, s.local_addr, view))
             out.append(Slice(s.opcode, address, s.remote_addr, s.length))
-        copy_regions(load_region, loads)
+        copy_regions(loads, load=True)
         yield out
-        copy_regions(store_region, back)
+        copy_regions(back, load=False)
 
 
 class BatchStaging:
@@ -234,7 +235,8 @@ class BatchStaging:
         work = [(region, address, view) for index, address, view, region in self._buffers
                 if batch.requests[index].opcode == Opcode.WRITE]
         if work:
-            await asyncio.get_running_loop().run_in_executor(None, copy_regions, load_region, work)
+            await asyncio.get_running_loop().run_in_executor(
+                None, functools.partial(copy_regions, work, load=True))
 
     async def finish(self, batch: Batch) -> None:
         """After the transfer: write READ results back to their file/CUDA destinations."""
@@ -250,8 +252,8 @@ class BatchStaging:
             if not work:
                 return
             try:
-                await asyncio.get_running_loop().run_in_executor(None, copy_regions, store_region,
-                                                                 work)
+                await asyncio.get_running_loop().run_in_executor(
+                    None, functools.partial(copy_regions, work, load=False))
             except (OSError, RuntimeError, ImportError) as e:
                 for index in indices:
                     result = batch.results[index]
@@ -269,18 +271,20 @@ class BatchStaging:
                 self._staging.give_back(owner)
 
 
-def copy_regions(copy: Callable[[Region, int, memoryview], None],
-                 work: Sequence[tuple[Region, int, memoryview]]) -> None:
-    """The copies of one batch: a device's pieces as one :func:`transfer.cuda.copy_many` (one
-    wait for all of them), file ranges one by one."""
+def copy_regions(work: Sequence[tuple[Region, int, memoryview]], *, load: bool) -> None:
+    """The copies of one batch, into host memory (``load``) or back out of it: a device's
+    pieces as one :func:`transfer.cuda.copy_many` (one wait for all of them), file ranges one
+    by one."""
     by_device: dict[int, list[tuple[int, memoryview, int]]] = {}
     for region, address, view in work:
         if region.is_cuda:
             by_device.setdefault(_device(region), []).append((address, view, len(view)))
+        elif load:
+            load_region(region, address, view)
         else:
-            copy(region, address, view)
+            store_region(region, address, view)
     if by_device:
         from transfer import cuda
 
         for device, copies in by_device.items():
-            cuda.copy_many(copies, device, to_host=copy is load_region)
+            cuda.copy_many(copies, device, to_host=load)
