@@ -420,6 +420,8 @@ def test_section_environment_variables_are_converted() -> None:
         "MOONCAKE_ETCD_ENDPOINTS": "127.0.0.1:2379, 127.0.0.1:2380",
         "MOONCAKE_TRANSFER_ENABLE_SHM": "false",
         "MOONCAKE_TRANSFER_STREAMS_PER_PEER": "2",
+        "MOONCAKE_TRANSFER_STAGING_CHUNK_SIZE": "8MiB",
+        "MOONCAKE_TRANSFER_STAGING_CHUNKS": "64",
         "MOONCAKE_PROXY_HOST": "::",
     }
     cfg = load_config(env=env)
@@ -430,6 +432,8 @@ def test_section_environment_variables_are_converted() -> None:
     assert cfg.etcd.endpoints == ("127.0.0.1:2379", "127.0.0.1:2380")
     assert cfg.transfer.enable_shm is False
     assert cfg.transfer.streams_per_peer == 2
+    assert cfg.transfer.staging_chunk_size == 8 * MiB
+    assert cfg.transfer.staging_chunks == 64
     assert cfg.proxy.host == "::"
 
 

@@ -239,3 +239,34 @@ async def test_general_path_cuts_a_large_cuda_request_into_pinned_chunks(
         assert [k for k, _ in fake_device] == ["d2h"] * 3 + ["h2d"] * 3
         pool = a._staging._pool
         assert pool is not None and pool.allocated == 3 and pool.in_use == 0
+
+
+@pytest.mark.timeout(30)
+async def test_the_staging_pool_is_sized_by_the_engines_config(
+        fake_device: list[tuple[str, int]], monkeypatch: pytest.MonkeyPatch) -> None:
+    """``transfer.staging_chunk_size`` / ``staging_chunks``: a 3 MiB CUDA request with 1 MiB
+    chunks and two of them is staged as three pieces, two pinned and one pageable (nothing
+    waits for a chunk), and comes back whole."""
+    import numpy as np
+    from _transfer_util import engines, pattern
+
+    from transfer import cuda
+    from transfer.batch import TransferRequest
+    from transfer.transports.base import Opcode
+
+    monkeypatch.setattr(cuda, "pinned_allocator", host_allocator)
+    n = 3 << 20
+    async with engines(2, **{"transfer.enable_shm": False,
+                             "transfer.staging_chunk_size": 1 << 20,
+                             "transfer.staging_chunks": 2}) as (a, b):
+        src, back = pattern(n, 13), np.zeros(n, np.uint8)
+        sa = await a.register(src, location="cuda:0")
+        ba = await a.register(back, location="cuda:0")
+        rb = await b.register(np.zeros(n, np.uint8))
+        await a.transfer([TransferRequest(Opcode.WRITE, sa, b.name, rb, n)])
+        await a.transfer([TransferRequest(Opcode.READ, ba, b.name, rb, n)])
+        assert np.array_equal(back, src)
+        assert [k for k, _ in fake_device] == ["d2h"] * 3 + ["h2d"] * 3
+        pool = a._staging._pool
+        assert pool is not None and pool.allocated == 2 and pool.in_use == 0
+        assert a._staging.chunk_size == 1 << 20

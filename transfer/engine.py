@@ -140,8 +140,8 @@ class Engine(Registration):
         self._cache: DescriptorCache[PeerSegment] = DescriptorCache(self._load_peer, ttl=30.0)
         reap_stale()
         self._probe = HostProbe()
-        self._staging = Staging()
         t = cfg.transfer
+        self._staging = Staging(chunk_size=t.staging_chunk_size, count=t.staging_chunks)
         self._transports["tcp"] = TcpTransport(
             self.registry, host=host, secret=cfg.auth_secret, streams_per_peer=t.streams_per_peer,
             io_timeout=t.io_timeout, connect_timeout=cfg.rpc.connect_timeout,

@@ -255,6 +255,19 @@ class TransferConfig(Section):
         parse=partial(to_int, lo=0, hi=100_000),
         metavar="US",
     )
+    staging_chunk_size: int = _size(
+        4 * _MIB, 64 * 1024, 1024 * _MIB,
+        "pinned host chunk that CUDA memory is staged through on tcp and shm; a longer CUDA "
+        "request is staged a chunk per piece, small ones share a chunk")
+    staging_chunks: int = setting(
+        16,
+        help="pinned staging chunks per engine, allocated on first use as needed; work that "
+        "finds none free is staged in pageable memory (or, on shm, copied straight to the "
+        "peer's pages), slower but never waiting. Raise it for batches of CUDA KV blocks "
+        "larger than staging_chunk_size x staging_chunks",
+        parse=partial(to_int, lo=1, hi=1024),
+        metavar="N",
+    )
     serve_poll_us: int = setting(
         300,
         help="how long the tcp data server polls for a connection's next request after "
