@@ -1,11 +1,16 @@
 """Staging of CUDA/file regions: pinned pool chunks when they fit and are free, never a wait."""
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import pytest
 
 from transfer.cuda import host_allocator
 from transfer.memory import Region
 from transfer.staging import Staging
+
+if TYPE_CHECKING:
+    from transfer.engine import Engine
 
 pytestmark = pytest.mark.timeout(10)
 
@@ -64,6 +69,26 @@ def fake_device(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, int]]:
     monkeypatch.setattr(cuda, "copy_device_to_host", d2h)
     monkeypatch.setattr(cuda, "copy_host_to_device", h2d)
     return calls
+
+
+async def _cuda_round_trip(a: Engine, b: Engine, n: int, seed: int) -> None:
+    """Write ``n`` bytes of (fake) CUDA memory of ``a`` to ``b`` from the loop and read them
+    back into other CUDA memory: shared memory at ``b`` when ``a`` reaches it over shm, else
+    a registered host buffer; the bytes must come back whole."""
+    import numpy as np
+    from _transfer_util import pattern
+
+    from transfer.batch import TransferRequest
+    from transfer.transports.base import Opcode
+
+    src, back = pattern(n, seed), np.zeros(n, np.uint8)
+    sa = await a.register(src, location="cuda:0")
+    ba = await a.register(back, location="cuda:0")
+    shm = a.config.transfer.enable_shm and b.config.transfer.enable_shm
+    rb = (await b.allocate_shared(n)).address if shm else await b.register(np.zeros(n, np.uint8))
+    await a.transfer([TransferRequest(Opcode.WRITE, sa, b.name, rb, n)])
+    await a.transfer([TransferRequest(Opcode.READ, ba, b.name, rb, n)])
+    assert np.array_equal(back, src)
 
 
 @pytest.mark.timeout(30)
@@ -153,23 +178,13 @@ async def test_shm_fast_path_copies_device_runs_without_a_free_chunk_straight_to
         fake_device: list[tuple[str, int]], monkeypatch: pytest.MonkeyPatch) -> None:
     """From the loop, with every pinned chunk taken, CUDA runs still take the shm fast path:
     each is copied straight to or from the peer's pages (one copy per run, none pinned)."""
-    import numpy as np
-    from _transfer_util import engines, pattern
+    from _transfer_util import engines
 
-    from transfer.batch import TransferRequest
     from transfer.staging import Staging
-    from transfer.transports.base import Opcode
 
     monkeypatch.setattr(Staging, "try_lease", lambda self, region, length: None)
-    n = (5 << 20) + 7
     async with engines(2) as (a, b):
-        src, back = pattern(n, 3), np.zeros(n, np.uint8)
-        sa = await a.register(src, location="cuda:0")
-        ba = await a.register(back, location="cuda:0")
-        rb = (await b.allocate_shared(n)).address
-        await a.transfer([TransferRequest(Opcode.WRITE, sa, b.name, rb, n)])
-        await a.transfer([TransferRequest(Opcode.READ, ba, b.name, rb, n)])
-        assert np.array_equal(back, src)
+        await _cuda_round_trip(a, b, (5 << 20) + 7, 3)
         # the 5 MiB run is cut at the 4 MiB chunk size, each piece then copied directly
         assert [k for k, _ in fake_device] == ["d2h", "d2h", "h2d", "h2d"]
         assert a._staging._pool is None
@@ -219,23 +234,13 @@ async def test_general_path_cuts_a_large_cuda_request_into_pinned_chunks(
     """From the loop over tcp, a CUDA request longer than a pinned chunk (9 MiB, 4 MiB chunks)
     is staged a chunk per piece (the pieces then travel as one gathered run), instead of in
     pageable memory of its full length; the bytes come back whole."""
-    import numpy as np
-    from _transfer_util import engines, pattern
+    from _transfer_util import engines
 
     from transfer import cuda
-    from transfer.batch import TransferRequest
-    from transfer.transports.base import Opcode
 
     monkeypatch.setattr(cuda, "pinned_allocator", host_allocator)
-    n = (9 << 20) + 5
     async with engines(2, **{"transfer.enable_shm": False}) as (a, b):
-        src, back = pattern(n, 11), np.zeros(n, np.uint8)
-        sa = await a.register(src, location="cuda:0")
-        ba = await a.register(back, location="cuda:0")
-        rb = await b.register(np.zeros(n, np.uint8))
-        await a.transfer([TransferRequest(Opcode.WRITE, sa, b.name, rb, n)])
-        await a.transfer([TransferRequest(Opcode.READ, ba, b.name, rb, n)])
-        assert np.array_equal(back, src)
+        await _cuda_round_trip(a, b, (9 << 20) + 5, 11)
         assert [k for k, _ in fake_device] == ["d2h"] * 3 + ["h2d"] * 3
         pool = a._staging._pool
         assert pool is not None and pool.allocated == 3 and pool.in_use == 0
@@ -247,25 +252,15 @@ async def test_the_staging_pool_is_sized_by_the_engines_config(
     """``transfer.staging_chunk_size`` / ``staging_chunks``: a 3 MiB CUDA request with 1 MiB
     chunks and two of them is staged as three pieces, two pinned and one pageable (nothing
     waits for a chunk), and comes back whole."""
-    import numpy as np
-    from _transfer_util import engines, pattern
+    from _transfer_util import engines
 
     from transfer import cuda
-    from transfer.batch import TransferRequest
-    from transfer.transports.base import Opcode
 
     monkeypatch.setattr(cuda, "pinned_allocator", host_allocator)
-    n = 3 << 20
     async with engines(2, **{"transfer.enable_shm": False,
                              "transfer.staging_chunk_size": 1 << 20,
                              "transfer.staging_chunks": 2}) as (a, b):
-        src, back = pattern(n, 13), np.zeros(n, np.uint8)
-        sa = await a.register(src, location="cuda:0")
-        ba = await a.register(back, location="cuda:0")
-        rb = await b.register(np.zeros(n, np.uint8))
-        await a.transfer([TransferRequest(Opcode.WRITE, sa, b.name, rb, n)])
-        await a.transfer([TransferRequest(Opcode.READ, ba, b.name, rb, n)])
-        assert np.array_equal(back, src)
+        await _cuda_round_trip(a, b, 3 << 20, 13)
         assert [k for k, _ in fake_device] == ["d2h"] * 3 + ["h2d"] * 3
         pool = a._staging._pool
         assert pool is not None and pool.allocated == 2 and pool.in_use == 0

@@ -349,17 +349,12 @@ def _driver_copies_of(copies: Sequence[tuple[int, int, int]], device: int,
     return True
 
 
-def _driver_copy(dst: int, src: int, nbytes: int, device: int, to_host: bool) -> bool:
-    """One synchronous ``cuMemcpy``; ``False`` (nothing copied) where it does not apply."""
-    return _driver_copies_of([(dst, src, nbytes)], device, to_host)
-
-
 def _copy(dst: int, src: int, nbytes: int, device: int, to_host: bool) -> None:
     if nbytes < 0:
         raise ValueError("nbytes must be >= 0")
     if nbytes == 0:
         return
-    if _driver_copy(dst, src, nbytes, device, to_host):
+    if _driver_copies_of([(dst, src, nbytes)], device, to_host):
         return
     if _backend() == "cupy":
         import cupy  # noqa: PLC0415

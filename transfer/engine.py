@@ -354,10 +354,11 @@ class Engine(Registration):
             peer = await self.open_segment(first.segment)
         except SegmentNotFoundError:
             return None
-        if self._fast is not None and self._can_reach(peer, "shm"):
-            plan = self._fast.plan(requests, peer)
+        fast = self._fast_to(peer)
+        if fast is not None:
+            plan = fast.plan(requests, peer)
             if plan is not None:
-                batch = self._fast.execute(next(self._batch_ids), requests, plan)
+                batch = fast.execute(next(self._batch_ids), requests, plan)
                 self._track(batch)
                 return batch
         if self._small is None or not await self._small.try_on_loop(requests, peer):
@@ -390,8 +391,9 @@ class Engine(Registration):
         if type(first) is TransferRequest and self._running and isinstance(first.segment, str):
             peer = self._cache.lookup(first.segment)
             if peer is not None:
-                if self._fast is not None and self._can_reach(peer, "shm"):
-                    plan = self._fast.run_blocking(requests, peer)
+                fast = self._fast_to(peer)
+                if fast is not None:
+                    plan = fast.run_blocking(requests, peer)
                     if plan is not None:
                         return list(map(RequestResult, itertools.repeat(RequestStatus.COMPLETED),
                                         plan.lengths))
@@ -475,7 +477,11 @@ class Engine(Registration):
         copy on the shm fast path, not a network exchange: splitting it over streams then only
         adds thread hand-offs."""
         peer = self._cache.lookup(segment)
-        return peer is not None and self._fast is not None and self._can_reach(peer, "shm")
+        return peer is not None and self._fast_to(peer) is not None
+
+    def _fast_to(self, peer: PeerSegment) -> ShmFastPath | None:
+        """The shm fast path, if batches to ``peer`` can take it (a same-host memory copy)."""
+        return self._fast if self._fast is not None and self._can_reach(peer, "shm") else None
 
     def _can_reach(self, peer: PeerSegment, tname: str) -> bool:
         key = (peer.desc.engine_id, tname)

@@ -80,22 +80,28 @@ class CopyPlan:
 
     def parts(self, n: int) -> list[Runs]:
         """The runs cut into ``n`` pieces of nearly equal bytes (for parallel copy threads)."""
-        if n <= 1 or self.total < n * (1 << 20):
-            return [self.runs]
-        share = -(-self.total // n)
-        parts: list[Runs] = [[]]
-        room = share
-        for dst, src, length in self.runs:
-            off = 0
-            while off < length:
-                if room == 0:
-                    parts.append([])
-                    room = share
-                take = min(room, length - off)
-                parts[-1].append((dst + off, src + off, take))
-                off += take
-                room -= take
-        return parts
+        return split_runs(self.runs, self.total, n)
+
+
+def split_runs(runs: Runs, total: int, n: int) -> list[Runs]:
+    """``runs`` (``total`` bytes) cut into ``n`` pieces of nearly equal bytes, or left whole
+    when there is less than 1 MiB per piece."""
+    if n <= 1 or total < n * (1 << 20):
+        return [runs]
+    share = -(-total // n)
+    parts: list[Runs] = [[]]
+    room = share
+    for dst, src, length in runs:
+        off = 0
+        while off < length:
+            if room == 0:
+                parts.append([])
+                room = share
+            take = min(room, length - off)
+            parts[-1].append((dst + off, src + off, take))
+            off += take
+            room -= take
+    return parts
 
 
 class ShmFastPath:
@@ -198,8 +204,7 @@ class ShmFastPath:
         if total <= INLINE_COPY_BYTES:
             copy_runs(runs)
         else:
-            self._transport.copy_runs_blocking(CopyPlan(runs, [], total).parts(
-                self._transport.workers))
+            self._transport.copy_runs_blocking(split_runs(runs, total, self._transport.workers))
 
     def copy_device(self, device: Sequence[tuple[Opcode, Region, int, int, int]]) -> None:
         """Copy a plan's CUDA runs on this thread (not the loop's, nor a transport copy thread).
